@@ -1,0 +1,27 @@
+# The two commands of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test lint install install-test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+
+run: install
+	$(BIN)/webaims-tui
+
+lint: install-test
+	$(BIN)/ruff check webaims_tui tests bench
+	$(BIN)/ruff format --check webaims_tui tests bench
+	$(BIN)/mypy
+
+test: install-test lint
+	$(BIN)/pytest -n 2 --dist loadgroup

@@ -1,0 +1,60 @@
+"""Fixtures shared by every test layer: settings on a temporary data dir, a running engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import EventRecorder, storage_corpus
+from webaims_tui.config import Overrides, Settings, load_settings
+from webaims_tui.engine.service import Engine
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Never read or write the real user's config or data, whatever the test does."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    for name in ("WEBAIMS_CONFIG", "WEBAIMS_DATA_DIR", "WEBAIMS_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> SettingsFactory:
+    """Settings on ``tmp_path/data``, listening on a free loopback port unless told otherwise."""
+
+    def factory(config_text: str = "", **server: object) -> Settings:
+        config = tmp_path / "config.toml"
+        config.write_text(config_text)
+        settings = load_settings(Overrides(config_file=config, data_dir=tmp_path / "data"))
+        server_values = {"host": "127.0.0.1", "port": 0, **server}
+        return dataclasses.replace(
+            settings, server=dataclasses.replace(settings.server, **server_values)
+        )
+
+    return factory
+
+
+@pytest.fixture
+def events() -> EventRecorder:
+    return EventRecorder()
+
+
+@pytest.fixture
+def engine(make_settings: SettingsFactory, events: EventRecorder) -> Iterator[Engine]:
+    """A started engine (SCP listening on a free loopback port) on a temporary data dir."""
+    running = Engine(make_settings(), sink=events)
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[Path]:
+    return storage_corpus()
