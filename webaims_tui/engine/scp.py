@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
@@ -357,37 +358,16 @@ class StorageServer:
         state: _AssociationState | None,
     ) -> tuple[int, int, str, str]:
         """Write spool/ -> incoming/; returns (status, size, incoming name, failure reason)."""
-        free_mb = shutil.disk_usage(self.spool).free // (1024 * 1024)
-        if free_mb < self.settings.min_free_disk_mb:
-            # out of resources: free space is below the configured minimum
-            return STATUS_OUT_OF_RESOURCES, 0, "", f"only {free_mb} MB free on disk"
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(sop_class)
-        meta.MediaStorageSOPInstanceUID = UID(sop_instance)
-        meta.TransferSyntaxUID = event.context.transfer_syntax
-        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        if state is not None:
-            # Lets the autoloader say who sent a file without a database lookup.
-            meta.SourceApplicationEntityTitle = state.calling_ae
-        received = cast(C_STORE, event.request).DataSet
-        if received is None:
-            return STATUS_CANNOT_UNDERSTAND, 0, "", "the C-STORE request carries no data set"
-        dataset = received.getbuffer()
-        header = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta)))
-        # Names never come from UIDs: a hostile UID must not choose a path.
-        name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.dcm"
-        temporary = self.spool / (name + ".part")
-        try:
-            with open(temporary, "xb") as handle:
-                handle.write(header)
-                handle.write(dataset)
-            os.replace(temporary, self.incoming / name)
-        except OSError as exc:
-            temporary.unlink(missing_ok=True)
-            # out of resources: the write or the rename failed (disk full, quota, permissions)
-            return STATUS_OUT_OF_RESOURCES, 0, "", f"cannot write the file: {exc.strerror or exc}"
-        return STATUS_SUCCESS, len(header) + len(dataset), name, ""
+        return write_to_incoming(
+            cast(C_STORE, event.request).DataSet,
+            sop_class=sop_class,
+            sop_instance=sop_instance,
+            transfer_syntax=event.context.transfer_syntax,
+            source_ae=state.calling_ae if state is not None else None,
+            spool=self.spool,
+            incoming=self.incoming,
+            min_free_disk_mb=self.settings.min_free_disk_mb,
+        )
 
     # --- database log -------------------------------------------------------------------------
 
@@ -434,6 +414,56 @@ class StorageServer:
         except Exception as exc:
             log.exception("cannot record rejected association")
             self._sink(EngineError(where="association log", message=str(exc)))
+
+
+def write_to_incoming(
+    received: BytesIO | None,
+    *,
+    sop_class: str,
+    sop_instance: str,
+    transfer_syntax: str,
+    source_ae: str | None,
+    spool: Path,
+    incoming: Path,
+    min_free_disk_mb: int,
+) -> tuple[int, int, str, str]:
+    """Write one received data set as a Part 10 file: spool/ first, then an atomic rename.
+
+    Shared by the Storage SCP and the C-GET client (whose storage sub-operations arrive on the
+    association we opened), so both put files into incoming/ the same way. ``received`` is the
+    C-STORE request's encoded data set, written exactly as it came off the wire. Returns
+    (status, size, incoming name, failure reason).
+    """
+    free_mb = shutil.disk_usage(spool).free // (1024 * 1024)
+    if free_mb < min_free_disk_mb:
+        # out of resources: free space is below the configured minimum
+        return STATUS_OUT_OF_RESOURCES, 0, "", f"only {free_mb} MB free on disk"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae is not None:
+        # Lets the autoloader say who sent a file without a database lookup.
+        meta.SourceApplicationEntityTitle = source_ae
+    if received is None:
+        return STATUS_CANNOT_UNDERSTAND, 0, "", "the C-STORE request carries no data set"
+    dataset = received.getbuffer()
+    header = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta)))
+    # Names never come from UIDs: a hostile UID must not choose a path.
+    name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}.dcm"
+    temporary = spool / (name + ".part")
+    try:
+        with open(temporary, "xb") as handle:
+            handle.write(header)
+            handle.write(dataset)
+        os.replace(temporary, incoming / name)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        # out of resources: the write or the rename failed (disk full, quota, permissions)
+        return STATUS_OUT_OF_RESOURCES, 0, "", f"cannot write the file: {exc.strerror or exc}"
+    return STATUS_SUCCESS, len(header) + len(dataset), name, ""
 
 
 def _batches(items: list[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
