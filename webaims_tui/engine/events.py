@@ -138,3 +138,64 @@ class EngineError(EngineEvent):
 
     where: str
     message: str
+
+
+# --- query/retrieve -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EchoFinished(EngineEvent):
+    """A C-ECHO to a remote node ended (alone, or before a query or retrieve)."""
+
+    node: str
+    ok: bool
+    problem: str  # "" when ok, else a FailureKind from engine.qr ("refused", "timeout", ...)
+    message: str
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class QueryFinished(EngineEvent):
+    node: str
+    level: str
+    rows: int
+    status: int | None
+    cancelled: bool
+    limited: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class RetrieveStarted(EngineEvent):
+    retrieve_id: int
+    node: str
+    method: str  # "c-move" or "c-get"
+    level: str
+    destination: str  # the move destination AE title ("" for C-GET)
+    requests: int  # C-MOVE/C-GET requests this retrieve will send
+
+
+@dataclass(frozen=True)
+class RetrieveProgress(EngineEvent):
+    """From a pending C-MOVE/C-GET response; counts add up over the retrieve's requests."""
+
+    retrieve_id: int
+    node: str
+    remaining: int | None
+    completed: int
+    failed: int
+    warning: int
+
+
+@dataclass(frozen=True)
+class RetrieveFinished(EngineEvent):
+    retrieve_id: int
+    node: str
+    ok: bool
+    cancelled: bool
+    status: int | None
+    completed: int
+    failed: int
+    warning: int
+    failed_sop_instance_uids: tuple[str, ...]
+    message: str
