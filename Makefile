@@ -13,7 +13,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 
 install-test: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,postgres]'
 
 run: install
 	$(BIN)/webaims-tui
@@ -25,3 +25,5 @@ lint: install-test
 
 test: install-test lint
 	$(BIN)/pytest -n 2 --dist loadgroup
+	# The engine suite once more, on a throwaway PostgreSQL server (tests/postgres.py).
+	WEBAIMS_TEST_DATABASE=postgresql $(BIN)/pytest tests/engine -n 2 --dist loadgroup

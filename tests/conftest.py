@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import EventRecorder, storage_corpus
+from tests.postgres import (  # noqa: F401  (fixtures, found by pytest through this import)
+    PostgresServer,
+    engine_tests_use_postgresql,
+    postgres_server,
+    postgres_url,
+)
 from webaims_tui.config import Overrides, Settings, load_settings
 from webaims_tui.engine.service import Engine
 
@@ -26,17 +32,31 @@ SettingsFactory = Callable[..., Settings]
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path) -> SettingsFactory:
-    """Settings on ``tmp_path/data``, listening on a free loopback port unless told otherwise."""
+def make_settings(tmp_path: Path, request: pytest.FixtureRequest) -> SettingsFactory:
+    """Settings on ``tmp_path/data``, listening on a free loopback port unless told otherwise.
+
+    With WEBAIMS_TEST_DATABASE=postgresql the archive database is a fresh PostgreSQL database
+    per test (the same one for every call within a test) unless the config text names one.
+    """
+    postgres: PostgresServer | None = None
+    if engine_tests_use_postgresql():
+        postgres = request.getfixturevalue("postgres_server")
+    postgres_urls: list[str] = []
 
     def factory(config_text: str = "", **server: object) -> Settings:
         config = tmp_path / "config.toml"
         config.write_text(config_text)
         settings = load_settings(Overrides(config_file=config, data_dir=tmp_path / "data"))
         server_values = {"host": "127.0.0.1", "port": 0, **server}
-        return dataclasses.replace(
+        settings = dataclasses.replace(
             settings, server=dataclasses.replace(settings.server, **server_values)
         )
+        if postgres is not None and settings.source_of("paths.database_url") == "default":
+            if not postgres_urls:
+                postgres_urls.append(postgres.create_database())
+            paths = dataclasses.replace(settings.paths, database_url=postgres_urls[0])
+            settings = dataclasses.replace(settings, paths=paths)
+        return settings
 
     return factory
 

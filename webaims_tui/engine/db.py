@@ -7,18 +7,26 @@ autoloader; readers in threads); nothing here uses SQLite-only SQL so that Postg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import peewee as pw
 from playhouse import db_url
 from playhouse.migrate import SchemaMigrator
+from playhouse.pool import PooledDatabase
 
 database = pw.DatabaseProxy()
 
 #: Bump this and append to MIGRATIONS whenever a model changes.
 SCHEMA_VERSION = 1
+
+#: Per process; every node on a shared PostgreSQL server needs this many backends at most.
+POOL_MAX_CONNECTIONS = 16
+
+#: Any constant: nodes starting at once serialise their migrations on this advisory lock.
+_MIGRATION_LOCK_KEY = 0x5745_4241_494D_53
 
 
 class DatabaseVersionError(Exception):
@@ -31,6 +39,9 @@ class BaseModel(pw.Model):
     class Meta:
         database = database
         legacy_table_names = False
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class SchemaInfo(BaseModel):
@@ -216,6 +227,12 @@ def connect(url: str) -> pw.Database:
             },
             check_same_thread=False,
         )
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme in ("postgresql", "postgres"):
+        # peewee opens one connection per thread; the pool lets association threads, the
+        # autoloader and UI readers reuse them instead of paying a PostgreSQL backend start each
+        # time. Query parameters in the URL (sslmode=..., max_connections=...) override these.
+        return db_url.connect(f"postgresql+pool://{rest}", **_pool_defaults(url))
     return db_url.connect(url)
 
 
@@ -228,9 +245,90 @@ def open_database(url: str) -> pw.Database:
     return db
 
 
+def _pool_defaults(url: str) -> dict[str, object]:
+    given = db_url.parse(url)
+    defaults: dict[str, object] = {
+        "max_connections": POOL_MAX_CONNECTIONS,
+        # Connections idle this long are closed on check-out: survives server restarts.
+        "stale_timeout": 300,
+        # A full pool waits this long for a connection before failing.
+        "timeout": 30,
+    }
+    return {key: value for key, value in defaults.items() if key not in given}
+
+
+def is_postgresql(db: pw.Database) -> bool:
+    """Whether ``db`` (or the database behind a proxy) is PostgreSQL."""
+    target = db.obj if isinstance(db, pw.DatabaseProxy) else db
+    return isinstance(target, pw.PostgresqlDatabase)
+
+
+def close_database(db: pw.Database) -> None:
+    """Close ``db``: for a pool every connection, including ones other threads left open."""
+    if isinstance(db, PooledDatabase):
+        db.close_all()
+    else:
+        db.close()
+
+
+def get_or_create_unique(
+    model: type[ModelT],
+    key_field: pw.Field,
+    key: object,
+    defaults: Mapping[str, object] | None = None,
+) -> tuple[ModelT, bool]:
+    """The row of ``model`` whose unique ``key_field`` is ``key``, inserted with ``defaults`` if
+    missing. Returns ``(row, created)``.
+
+    Safe when several threads or processes (several nodes on one PostgreSQL database) race for the
+    same key: ``INSERT ... ON CONFLICT (key) DO NOTHING`` never raises on the duplicate and, on
+    PostgreSQL, waits for a competing uncommitted insert to commit or roll back; the SELECT after
+    it then sees the winner's row. Check-then-insert (peewee's ``get_or_create``) would raise
+    IntegrityError in the loser and, inside a PostgreSQL transaction, abort the whole transaction.
+    """
+    values: dict[str, object] = dict(defaults or {})
+    values[key_field.name] = key
+    with model._meta.database.atomic():
+        inserted = (
+            model.insert(**values)
+            .on_conflict(conflict_target=[key_field], action="NOTHING")
+            .as_rowcount()
+            .execute()
+        )
+        row = model.get_or_none(key_field == key)
+    if row is None:
+        # Only possible if another process deleted the row between the two statements.
+        raise pw.IntegrityError(f"{model.__name__}: {key_field.name} row vanished after insert")
+    return row, bool(inserted)
+
+
+def insert_missing(
+    model: type[BaseModel], rows: Sequence[Mapping[str, object]], key_field: pw.Field
+) -> int:
+    """Insert ``rows``, skipping any whose unique ``key_field`` is already taken (by anyone).
+
+    One statement, race-safe across processes like :func:`get_or_create_unique`. Returns how
+    many rows were new. Keep ``rows`` to a few hundred: SQLite caps bound parameters.
+    """
+    if not rows:
+        return 0
+    inserted = (
+        model.insert_many(list(rows))
+        .on_conflict(conflict_target=[key_field], action="NOTHING")
+        .as_rowcount()
+        .execute()
+    )
+    return int(inserted)
+
+
 def migrate(db: pw.Database) -> int:
     """Bring ``db`` to SCHEMA_VERSION; returns the version it was at before."""
     with db.atomic():
+        if is_postgresql(db):
+            # Two nodes starting together on an empty database would both create the tables.
+            # PostgreSQL DDL is transactional, so holding this lock until commit serialises them;
+            # SQLite needs nothing: its first write takes the database lock.
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
         if not db.table_exists(SchemaInfo._meta.table_name):
             if db.get_tables():
                 raise DatabaseVersionError(
