@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import UID, AllTransferSyntaxes
+from pydicom.uid import UID, AllTransferSyntaxes, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
@@ -40,11 +40,15 @@ from webaims_tui.engine.events import (
     EngineError,
     EventSink,
     InstanceReceived,
+    ProtocolViolation,
     ServerFailed,
     ServerStarted,
     ServerStopped,
     StoreFailed,
 )
+from webaims_tui.engine.store_checks import store_problem
+from webaims_tui.engine.tls import TLSSetupError, server_ssl_context
+from webaims_tui.engine.transport import GuardedAssociationServer, TransportLimits
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,10 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
+#: Connections that may wait for their first PDU at once (transport.GuardedAssociationServer).
+PENDING_CONNECTIONS_PER_ASSOCIATION = 4
+MIN_PENDING_CONNECTIONS = 16
+
 #: Retired SOP classes that older modalities still send (pynetdicom only lists current ones).
 RETIRED_STORAGE_CLASSES = {
     "NuclearMedicineImageStorageRetired": "1.2.840.10008.5.1.4.1.1.5",
@@ -65,10 +73,15 @@ RETIRED_STORAGE_CLASSES = {
     "UltrasoundImageStorageRetired": "1.2.840.10008.5.1.4.1.1.6",
 }
 
-#: Every transfer syntax pydicom knows, the uncompressed ones first (pynetdicom accepts the first
-#: one in this order that the requestor also proposed). Data is stored as received, never decoded
-#: here, so a compressed syntax costs nothing to accept and avoids a rejected context.
-TRANSFER_SYNTAXES = [str(uid) for uid in AllTransferSyntaxes]
+#: Every transfer syntax pydicom knows. pynetdicom picks, for each proposed context, the first
+#: syntax of THIS list that the requestor also proposed, so the order is a policy: uncompressed
+#: first (Explicit VR Little Endian keeps the VRs of private data), so that a sender holding
+#: uncompressed data is never asked to compress it lossily; compressed syntaxes are accepted
+#: when proposed alone, and stored as received, never decoded here.
+TRANSFER_SYNTAXES = [
+    str(ExplicitVRLittleEndian),
+    *(str(uid) for uid in AllTransferSyntaxes if uid != ExplicitVRLittleEndian),
+]
 
 
 def storage_sop_classes() -> dict[str, str]:
@@ -158,11 +171,10 @@ class StorageServer:
             (evt.EVT_CONN_CLOSE, self._on_connection_closed),
         ]
         try:
-            self._server = self._ae.start_server(
-                (s.host, s.port), block=False, evt_handlers=handlers
-            )
-        except OSError as exc:
-            self.failure = f"cannot listen on {s.host}:{s.port}: {exc.strerror or exc}"
+            self._server = self._listen(handlers)
+        except (OSError, TLSSetupError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            self.failure = f"cannot listen on {s.host}:{s.port}: {reason}"
             self._sink(ServerFailed(host=s.host, port=s.port, reason=self.failure))
             log.error("%s", self.failure)
             return False
@@ -172,12 +184,40 @@ class StorageServer:
         log.info("listening as %s on %s:%d", s.ae_title, s.host, self.port)
         return True
 
+    def _listen(self, handlers: list[Any]) -> GuardedAssociationServer:
+        """What ``AE.start_server(block=False)`` does, on our guarded server class."""
+        s = self.settings
+        limits = TransportLimits(
+            max_pdu_size=s.max_pdu_size,
+            max_instance_bytes=s.max_instance_mb * 1024 * 1024,
+            max_pending_connections=max(
+                MIN_PENDING_CONNECTIONS, PENDING_CONNECTIONS_PER_ASSOCIATION * s.max_associations
+            ),
+            network_timeout=s.network_timeout,
+        )
+        server = self._ae.make_server(
+            (s.host, s.port),
+            ssl_context=server_ssl_context(s),
+            evt_handlers=handlers,
+            server_class=GuardedAssociationServer,
+            limits=limits,
+            on_violation=self._on_protocol_violation,
+        )
+        server = cast(GuardedAssociationServer, server)
+        thread = threading.Thread(
+            target=server.serve_forever, name=f"AcceptorServer@{s.port}", daemon=True
+        )
+        thread.start()
+        self._ae._servers.append(server)
+        return server
+
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, give running associations ``grace`` seconds, then close."""
         if self._server is None:
             return
         # socketserver's shutdown stops accepting but leaves association threads running.
         self._server.shutdown()
+        self._server.close_pending()
         deadline = time.monotonic() + grace
         while self._server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -194,6 +234,10 @@ class StorageServer:
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
+
+    def _on_protocol_violation(self, peer: str, reason: str) -> None:
+        # Called from the offending connection's reader thread; the sink is thread-safe.
+        self._sink(ProtocolViolation(peer=peer, reason=reason))
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -302,7 +346,19 @@ class StorageServer:
         sop_instance = str(request.AffectedSOPInstanceUID or "")
         transfer_syntax = str(event.context.transfer_syntax)
         try:
-            status, size, name, reason = self._write_instance(event, sop_class, sop_instance, state)
+            problem = store_problem(
+                request.DataSet.getbuffer() if request.DataSet is not None else None,
+                sop_class=sop_class,
+                sop_instance=sop_instance,
+                transfer_syntax=transfer_syntax,
+                max_instance_bytes=self.settings.max_instance_mb * 1024 * 1024,
+            )
+            if problem is not None:  # nothing is written
+                (status, reason), size, name = problem, 0, ""
+            else:
+                status, size, name, reason = self._write_instance(
+                    event, sop_class, sop_instance, state
+                )
         except Exception as exc:  # pynetdicom would turn this into a bare 0xC211
             log.exception("C-STORE handler failed")
             status, size, name, reason = STATUS_CANNOT_UNDERSTAND, 0, "", f"internal error: {exc}"
