@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -45,6 +45,19 @@ class ServerSettings:
     allowed_calling_aes: tuple[str, ...] = ()
     require_called_ae: bool = False
     min_free_disk_mb: int = 500
+    # A received instance larger than this is refused (0xA700) without being held in memory whole.
+    max_instance_mb: int = 4096
+    # DICOM TLS (PS3.15 Annex B): the SCP speaks TLS 1.2+ only when a certificate is given.
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    # PEM file of CAs trusted for client certificates.
+    tls_ca_certificates: str = ""
+    tls_require_client_certificate: bool = False
+
+    @property
+    def tls_enabled(self) -> bool:
+        """True when the SCP listens with TLS (a certificate is configured)."""
+        return bool(self.tls_certificate)
 
 
 @dataclass(frozen=True)
@@ -333,6 +346,29 @@ def _validate_server(server: ServerSettings, path: Path, sources: Mapping[str, s
             raise fail(key, getattr(server, key), "must be a positive number of seconds")
     if server.min_free_disk_mb < 0:
         raise fail("min_free_disk_mb", server.min_free_disk_mb, "must not be negative")
+    if not 1 <= server.max_instance_mb <= 1024 * 1024:
+        raise fail("max_instance_mb", server.max_instance_mb, "must be between 1 and 1048576")
+    _validate_tls(server, fail)
+
+
+def _validate_tls(server: ServerSettings, fail: Callable[[str, object, str], ConfigError]) -> None:
+    if bool(server.tls_certificate) != bool(server.tls_private_key):
+        key = "tls_private_key" if server.tls_certificate else "tls_certificate"
+        raise fail(key, getattr(server, key), "TLS needs both tls_certificate and tls_private_key")
+    if server.tls_require_client_certificate and not server.tls_ca_certificates:
+        raise fail(
+            "tls_ca_certificates",
+            server.tls_ca_certificates,
+            "required when tls_require_client_certificate is true",
+        )
+    if (server.tls_ca_certificates or server.tls_require_client_certificate) and not (
+        server.tls_certificate
+    ):
+        raise fail("tls_certificate", "", "the TLS client settings need a server certificate")
+    for key in ("tls_certificate", "tls_private_key", "tls_ca_certificates"):
+        value = getattr(server, key)
+        if value and not Path(value).expanduser().is_file():
+            raise fail(key, value, "file not found")
 
 
 def ae_title_problem(value: str) -> str | None:

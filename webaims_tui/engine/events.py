@@ -199,3 +199,44 @@ class RetrieveFinished(EngineEvent):
     warning: int
     failed_sop_instance_uids: tuple[str, ...]
     message: str
+
+
+# --- hardening ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProtocolViolation(EngineEvent):
+    """A peer broke the protocol (e.g. a PDU beyond the negotiated maximum): it was aborted."""
+
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecordCreated(EngineEvent):
+    """The first instance of a new research record (patient, study or series) was archived."""
+
+    unit: str
+    key: str  # the anonymized Patient ID or Study/Series Instance UID
+    instance_count: int
+    series_count: int
+    modalities: str
+
+
+@dataclass(frozen=True)
+class RecordUpdated(EngineEvent):
+    """A batch added instances to an existing record; counts are the new totals."""
+
+    unit: str
+    key: str
+    instance_count: int
+    series_count: int
+    modalities: str
+
+
+@dataclass(frozen=True)
+class Throughput(EngineEvent):
+    """Instances archived per second over the last few seconds of work."""
+
+    instances_per_second: float
+    archived_total: int

@@ -1,0 +1,327 @@
+"""The guarded transport under the Storage SCP: bounded PDUs, bounded connections, lazy TLS.
+
+pynetdicom 3.0.4 trusts its peer more than a hospital network allows. This module closes the gaps
+at the one place every byte passes, the association socket, without patching pynetdicom:
+
+- A PDU whose header declares more than the negotiated maximum is refused before its body is
+  read: pynetdicom would buffer it whole (a 200 MB PDU grows the process by 200 MB). We send an
+  A-ABORT, close the connection and report it.
+- The data set of one DIMSE message is counted fragment by fragment; past the per-instance limit
+  its fragments are dropped (the message still completes), so the C-STORE handler sees a data set
+  one byte over the limit and answers a failure status: memory stays bounded, the sender gets a
+  clear answer and the association goes on.
+- Accepted sockets get the network timeout (pynetdicom leaves them blocking, so a peer that sends
+  half a PDU header and stalls would hold two threads forever).
+- Connections that have not yet sent their first PDU are capped; the oldest is closed to make
+  room, so a few hundred idle sockets cannot exhaust threads. They do not count against the
+  association limit either (pynetdicom counts every acceptor thread), so idle sockets cannot lock
+  out a real modality.
+- With TLS, the handshake runs in the connection's own thread, under the network timeout, not in
+  the accept loop where one silent client would stop the server from accepting anyone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+log = logging.getLogger(__name__)
+
+PDU_HEADER = struct.Struct(">BBL")
+P_DATA_TF = 0x04
+KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
+
+#: Largest non-P-DATA PDU accepted. An A-ASSOCIATE-RQ with all 128 presentation contexts and
+#: dozens of transfer syntaxes each is a few hundred KB; anything bigger is not a real request.
+CONTROL_PDU_LIMIT = 1024 * 1024
+
+#: Slack over the negotiated maximum: some senders count the 6-byte PDU header in it.
+PDU_LENGTH_SLACK = 6
+
+#: Thread-name prefix pynetdicom counts as an association (``ae.active_associations``).
+_ACTIVE_PREFIX = "AcceptorThread"
+_PENDING_PREFIX = "PendingAcceptor"
+
+#: A-ABORT PDU: source 2 (service provider), reason 6 (invalid PDU parameter value).
+_ABORT_INVALID_PARAMETER = bytes([0x07, 0x00, 0, 0, 0, 4, 0x00, 0x00, 0x02, 0x06])
+
+ViolationReporter = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    """The bounds the guarded transport enforces."""
+
+    #: Maximum P-DATA-TF length we advertise in the association (0: unlimited).
+    max_pdu_size: int
+    #: Largest data set of one message kept in memory (bytes); more is dropped.
+    max_instance_bytes: int
+    #: Connections allowed to wait for their first PDU at once.
+    max_pending_connections: int
+    #: Seconds a read may block (the AE's network timeout).
+    network_timeout: float
+
+    def pdu_limit(self, pdu_type: int) -> int:
+        if pdu_type != P_DATA_TF:
+            return max(CONTROL_PDU_LIMIT, self.max_pdu_size)
+        if self.max_pdu_size:
+            return self.max_pdu_size + PDU_LENGTH_SLACK
+        # "Unlimited" still may not hold more than one instance's worth in one PDU.
+        return self.max_instance_bytes + CONTROL_PDU_LIMIT
+
+
+class GuardedAssociationSocket(AssociationSocket):
+    """pynetdicom's socket wrapper with a PDU reader that checks lengths before reading.
+
+    pynetdicom's DUL reads a PDU as ``recv(6)`` (type and length) then ``recv(length)``. The
+    header read is where the guard acts: it refuses an oversized length, and for P-DATA it reads
+    the body at once, drops data-set bytes past the per-instance limit and hands back a rewritten
+    header and body.
+    """
+
+    _guard_server: GuardedAssociationServer
+    _limits: TransportLimits
+    _next_body: bytearray | None
+    _dataset_bytes: int
+    _first_pdu_seen: bool
+    peer: str
+
+    def _init_guard(self, server: GuardedAssociationServer, peer: str) -> None:
+        self._guard_server = server
+        self.peer = peer
+        self._limits = server.limits
+        self._next_body = None
+        self._dataset_bytes = 0
+        self._first_pdu_seen = False
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._next_body is not None:
+            body, self._next_body = self._next_body, None
+            return body
+        try:
+            header = super().recv(nr_bytes)
+        except OSError:  # timeout, reset, failed TLS handshake: pynetdicom closes the connection
+            self._release_waiting_association()
+            raise
+        if nr_bytes != PDU_HEADER.size:
+            return header
+        if len(header) != PDU_HEADER.size:  # end of stream
+            self._release_waiting_association()
+            return header
+        if not self._first_pdu_seen:
+            self._first_pdu_seen = True
+            self._guard_server.connection_started(self)
+        pdu_type, _, length = PDU_HEADER.unpack(header)
+        if pdu_type not in KNOWN_PDU_TYPES:
+            return header  # pynetdicom answers an unknown PDU type with an A-ABORT itself
+        limit = self._limits.pdu_limit(pdu_type)
+        if length > limit:
+            self._refuse(f"PDU type 0x{pdu_type:02X} declares {length} bytes, limit is {limit}")
+            return bytearray()  # read as "connection closed": pynetdicom ends the association
+        if pdu_type != P_DATA_TF:
+            return header
+        body = super().recv(length)
+        if len(body) == length:
+            body = self._cap_data_set(body)
+        self._next_body = body
+        return bytearray(PDU_HEADER.pack(pdu_type, 0, len(body))) if len(body) != length else header
+
+    def _cap_data_set(self, body: bytearray) -> bytearray:
+        """Drop data-set bytes past the per-instance limit; keep every fragment's control byte."""
+        cap = self._limits.max_instance_bytes + 1
+        items: list[tuple[int, int, memoryview]] = []
+        changed = False
+        view = memoryview(body)
+        offset = 0
+        while offset < len(body):
+            if offset + 6 > len(body):
+                return body  # malformed: pynetdicom refuses it and aborts
+            item_length = int.from_bytes(view[offset : offset + 4], "big")
+            end = offset + 4 + item_length
+            if item_length < 2 or end > len(body):
+                return body
+            context_id, control = body[offset + 4], body[offset + 5]
+            value = view[offset + 6 : end]
+            if not control & 0x01:  # data-set fragment (bit 0 clear), PS3.8 E.2
+                keep = max(0, min(len(value), cap - self._dataset_bytes))
+                if keep < len(value):
+                    value = value[:keep]
+                    changed = True
+                self._dataset_bytes += keep
+                if control & 0x02:  # last fragment: the next message starts from zero
+                    self._dataset_bytes = 0
+            items.append((context_id, control, value))
+            offset = end
+        if not changed:
+            return body
+        rebuilt = bytearray()
+        for context_id, control, value in items:
+            rebuilt += (len(value) + 2).to_bytes(4, "big")
+            rebuilt += bytes((context_id, control))
+            rebuilt += value
+        return rebuilt
+
+    def close(self) -> None:
+        super().close()
+        self._release_waiting_association()
+
+    def _release_waiting_association(self) -> None:
+        """Wake an acceptor still waiting for its A-ASSOCIATE-RQ on a connection that is gone.
+
+        pynetdicom's association thread waits for the request for the whole ACSE timeout even
+        when the connection closed (or sent garbage) long before, holding two threads. A None
+        in its queue reads as "timed out": it stops at once and releases both.
+        """
+        assoc = self.assoc
+        queue = assoc.dul.to_user_queue
+        if assoc.requestor.primitive is None and not assoc.is_established and queue.empty():
+            queue.put(None)
+
+    def _refuse(self, reason: str) -> None:
+        peer = self.peer
+        log.warning("aborting association from %s: %s", peer, reason)
+        raw = self.socket
+        if raw is not None:
+            # The peer may be gone already; closing is then all that is left.
+            with contextlib.suppress(OSError):
+                raw.sendall(_ABORT_INVALID_PARAMETER)
+            _shutdown(raw)
+        self._release_waiting_association()
+        self._guard_server.report_violation(peer, reason)
+
+
+class GuardedRequestHandler(RequestHandler):
+    """Creates each association on a :class:`GuardedAssociationSocket`."""
+
+    server: GuardedAssociationServer
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        wrapper = assoc.dul.socket
+        assert wrapper is not None
+        # pynetdicom builds the socket wrapper itself; giving this one instance our subclass keeps
+        # everything it set up (queued events, TLS state) and changes only the reader.
+        wrapper.__class__ = GuardedAssociationSocket
+        guarded = cast(GuardedAssociationSocket, wrapper)
+        address = self.client_address
+        guarded._init_guard(self.server, f"{address[0]}:{address[1]}")
+        # Not an association until its first PDU arrives (see connection_started).
+        assoc.name = assoc.name.replace(_ACTIVE_PREFIX, _PENDING_PREFIX, 1)
+        self.server.connection_pending(guarded, self.request)
+        return assoc
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with socket timeouts, a pending-connection cap, lazy TLS."""
+
+    def __init__(
+        self,
+        ae: ApplicationEntity,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: list[PresentationContext],
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: list[Any] | None = None,
+        *,
+        limits: TransportLimits,
+        on_violation: ViolationReporter,
+    ) -> None:
+        self.limits = limits
+        self._on_violation = on_violation
+        self._pending_lock = threading.Lock()
+        # socket -> (raw socket, peer) for connections that have not sent a PDU yet, oldest first
+        self._pending: OrderedDict[GuardedAssociationSocket, socket.socket] = OrderedDict()
+        self.evicted_connections = 0
+        self.violations = 0
+        super().__init__(
+            ae,
+            address,
+            ae_title,
+            contexts,
+            ssl_context,
+            evt_handlers=evt_handlers,
+            request_handler=GuardedRequestHandler,
+        )
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
+        # Accepted sockets are blocking in pynetdicom: without a timeout a half-sent PDU header
+        # blocks the reader thread forever and the idle timers never get a chance to run.
+        client_socket.settimeout(self.limits.network_timeout)
+        client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            # The handshake happens on first read, in the association's thread under the
+            # timeout; pynetdicom would do it here and stall the accept loop on a silent client.
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
+        return client_socket, address
+
+    def connection_pending(self, guarded: GuardedAssociationSocket, raw: socket.socket) -> None:
+        evicted: list[socket.socket] = []
+        with self._pending_lock:
+            for other, other_raw in list(self._pending.items()):
+                if other_raw.fileno() < 0:  # closed by its own timeout meanwhile
+                    del self._pending[other]
+            while len(self._pending) >= self.limits.max_pending_connections:
+                _, oldest_raw = self._pending.popitem(last=False)
+                evicted.append(oldest_raw)
+            self._pending[guarded] = raw
+            self.evicted_connections += len(evicted)
+        for oldest_raw in evicted:
+            # Its reader sees end-of-stream and ends the connection in its own thread (calling
+            # abort() from here could crash that thread, see FIELD-NOTES).
+            _shutdown(oldest_raw)
+        if evicted:
+            log.warning(
+                "%d connections without an association request: closed the %d oldest",
+                self.limits.max_pending_connections,
+                len(evicted),
+            )
+
+    def connection_started(self, guarded: GuardedAssociationSocket) -> None:
+        with self._pending_lock:
+            self._pending.pop(guarded, None)
+        assoc = guarded.assoc
+        # From now on pynetdicom counts it against maximum_associations.
+        assoc.name = assoc.name.replace(_PENDING_PREFIX, _ACTIVE_PREFIX, 1)
+
+    @property
+    def pending_connections(self) -> int:
+        with self._pending_lock:
+            return sum(1 for raw in self._pending.values() if raw.fileno() >= 0)
+
+    def close_pending(self) -> None:
+        """Close every connection still waiting for its first PDU (at server stop)."""
+        with self._pending_lock:
+            raws = list(self._pending.values())
+            self._pending.clear()
+        for raw in raws:
+            _shutdown(raw)
+
+    def report_violation(self, peer: str, reason: str) -> None:
+        with self._pending_lock:
+            self.violations += 1
+        self._on_violation(peer, reason)
+
+
+def _shutdown(raw: socket.socket) -> None:
+    """Shut a socket down under its reader without touching TLS state from this thread."""
+    # socket.socket.shutdown, not SSLSocket.shutdown: that one would drop the TLS object the
+    # reader thread may be using at this very moment. OSError: already closed.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(raw, socket.SHUT_RDWR)
