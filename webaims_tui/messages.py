@@ -13,3 +13,12 @@ class EngineEventPosted(Message):
     def __init__(self, event: EngineEvent) -> None:
         super().__init__()
         self.event = event
+
+
+class EngineReady(Message):
+    """The engine opened its database (and started its server): screens may query it now."""
+
+    def __init__(self, *, quarantined: int, incoming: int) -> None:
+        super().__init__()
+        self.quarantined = quarantined
+        self.incoming = incoming

@@ -14,9 +14,9 @@ from pathlib import Path
 import peewee as pw
 
 from webaims_tui.config import Settings, ensure_folders
-from webaims_tui.engine import db
+from webaims_tui.engine import browse, db
 from webaims_tui.engine.events import EngineEvent, EventSink
-from webaims_tui.engine.scp import StorageServer
+from webaims_tui.engine.scp import StorageServer, sop_class_name
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,34 @@ class Engine:
                 quarantined=_count_files(paths.quarantine, exclude_suffix=".json"),
                 incoming=_count_files(paths.incoming, exclude_suffix=".part"),
             )
+
+    # --- browser (read-only queries and unit actions; see engine/browse.py) ----------------
+
+    def browse_page(self, query: browse.BrowseQuery) -> browse.Page:
+        """One page of patients, studies, series or instances, filtered and sorted."""
+        return browse.list_page(query, sop_class_name)
+
+    def unit_summary(self, level: browse.Level, unit_id: int) -> browse.UnitSummary:
+        return browse.unit_summary(level, unit_id, sop_class_name)
+
+    def instance_file(self, instance_id: int) -> browse.InstanceFile:
+        return browse.instance_file(self.settings.paths.archive, instance_id)
+
+    def tag_dump(self, instance_id: int) -> list[browse.TagNode]:
+        """The archived file's elements as a tree (sequences have items)."""
+        return browse.tag_dump(self.instance_file(instance_id).path)
+
+    def delete_unit(self, level: browse.Level, unit_id: int) -> browse.DeleteResult:
+        """Delete a patient/study/series/instance: rows and files together, or neither."""
+        return browse.delete_unit(self.settings.paths.archive, level, unit_id)
+
+    def export_unit(
+        self, level: browse.Level, unit_id: int, destination: Path, *, as_zip: bool = False
+    ) -> browse.ExportResult:
+        """Copy a unit's archived files into a folder (or a zip file)."""
+        return browse.export_unit(
+            self.settings.paths.archive, level, unit_id, destination, as_zip=as_zip
+        )
 
 
 def _count_files(folder: Path, exclude_suffix: str) -> int:
