@@ -1,0 +1,1523 @@
+"""The autoloader: incoming/ -> parse -> anonymize -> index -> archive/ or quarantine/.
+
+Threads: a watchfiles thread only *wakes* the loop; the loop thread lists incoming/ (on a wake,
+every ``sweep_interval`` seconds, and at start-up) and is the database's one writer. The CPU work
+(read, anonymize, write the archived file) runs in the loop thread or, for a backlog, in a small
+process pool so that the SCP's association threads keep the GIL in the main process.
+
+Crash safety: the order of steps for each batch is
+
+1. prepare: read the incoming file, anonymize, write the result to ``archive/.tmp/<uuid>.part``;
+2. write the batch journal (the incoming names it holds);
+3. rename each temporary file to its final archive path (atomic, same file system);
+4. one database transaction for the whole batch (rows for patient .. instance, records);
+5. delete each incoming file (or move it to originals/), then the journal.
+
+A SIGKILL before 4 leaves the incoming file, which is processed again on restart (the rename
+in 3 simply happens again onto the same path). A kill after 4 leaves an incoming file whose
+SOP Instance UID is indexed with identical content: the journal names it, so it is removed
+without a duplicate warning. Start-up removes stale temporary files and, after an unclean stop,
+reconciles the archive with the index (rows whose file is gone, files with no row).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import hashlib
+import logging
+import multiprocessing
+import os
+import pickle
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, cast
+
+import peewee as pw
+import watchfiles
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
+
+from webaims_tui.config import Settings
+from webaims_tui.engine import db
+from webaims_tui.engine.anonymize import AnonymizationRefused, Anonymizer, PassThrough
+from webaims_tui.engine.archive import (
+    DEFER_SIZE,
+    TEMP_FOLDER,
+    archive_path_for,
+    deferred_elements,
+    file_sha256,
+    inside,
+    template_keywords,
+    write_part10,
+)
+from webaims_tui.engine.events import (
+    EngineError,
+    EventSink,
+    InstanceArchived,
+    InstanceDuplicate,
+    InstanceQuarantined,
+    QueueDepth,
+    RecordCreated,
+    RecordUpdated,
+    Throughput,
+)
+from webaims_tui.engine.quarantine import (
+    incoming_name,
+    original_name_of,
+    quarantine_file,
+    reconcile_quarantine,
+)
+from webaims_tui.engine.scp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+log = logging.getLogger(__name__)
+
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+MAX_UID_LENGTH = 64
+#: Names the SCP and the importer give to files they complete elsewhere and rename in.
+_ATOMIC_NAME = re.compile(r"^\d+-[0-9a-f]{12}(--.+|\.dcm)$")
+#: Any other file (a copy from CD into incoming/) must be unchanged this long before it is read,
+#: or a half-copied file would be quarantined as truncated.
+SETTLE_SECONDS = 2.0
+#: A file that failed for a reason that may pass (disk full) is retried after this long.
+RETRY_AFTER_SECONDS = 30.0
+#: Below this many waiting files the pool is not worth its start-up time.
+POOL_THRESHOLD = 32
+#: Archive files without an index row are adopted only once they are this old.
+ORPHAN_MIN_AGE_SECONDS = 600.0
+JOURNAL_NAME = ".autoloader-journal"
+CLEAN_MARKER_NAME = ".autoloader-clean"
+LOCK_NAME = ".autoloader.lock"
+THROUGHPUT_INTERVAL = 2.0
+
+
+class AutoloaderBusy(Exception):
+    """Another process holds the autoloader lock on this data folder."""
+
+
+# --- the per-file step (runs in the loop thread or in a pool process) -------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    incoming: str
+    name: str
+    temp_folder: str
+    template: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A file anonymized and written to a temporary name, with the values to index."""
+
+    name: str  # relative to incoming/; "" when adopting a file already in the archive
+    temp: str  # "" when the file is already at archive_path
+    archive_path: str
+    size: int
+    content_hash: str
+    calling_ae: str
+    received_at: datetime
+    ruleset_version: int | None
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    instance_number: int | None
+    number_of_frames: int
+    patient: dict[str, str]
+    study: dict[str, str]
+    series: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A file that goes to quarantine/<reason>/."""
+
+    name: str
+    reason: str
+    detail: str
+    calling_ae: str
+    sop_instance_uid: str = ""
+
+
+@dataclass(frozen=True)
+class Postponed:
+    """A file that failed for a reason that may pass (disk full): left in incoming/."""
+
+    name: str
+    detail: str
+
+
+Outcome = Prepared | Refused | Postponed | None
+
+_worker_anonymizer: Anonymizer | None = None
+
+
+def _init_worker(anonymizer: Anonymizer) -> None:
+    global _worker_anonymizer
+    _worker_anonymizer = anonymizer
+
+
+def _prepare_in_worker(job: Job) -> Outcome:
+    assert _worker_anonymizer is not None
+    return prepare(job, _worker_anonymizer)
+
+
+def prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
+    """Read, check and anonymize one incoming file and write it to a temporary archive name.
+
+    Never raises for bad input: the reason comes back as :class:`Refused`. Returns None when the
+    file vanished (processed already by an earlier pass).
+    """
+    path = Path(job.incoming) / job.name
+    try:
+        stat = path.stat()
+        dataset = dcmread(path, defer_size=DEFER_SIZE)
+        if _is_deflated(dataset):
+            # Offsets in a deflated file are offsets in the inflated stream: no deferring.
+            dataset = dcmread(path)
+    except FileNotFoundError:
+        return None
+    except InvalidDicomError as exc:
+        return Refused(job.name, "not-dicom", _short(exc), "")
+    except (EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, EOFError):
+            return Postponed(job.name, f"cannot read: {exc.strerror or exc}")
+        return Refused(job.name, "truncated", _short(exc), "")
+    except Exception as exc:
+        return Refused(job.name, "not-dicom", f"{type(exc).__name__}: {_short(exc)}", "")
+    meta = getattr(dataset, "file_meta", None)
+    calling_ae = str(meta.get("SourceApplicationEntityTitle", "") if meta else "").strip()
+    deferred = deferred_elements(dataset)
+    problem = truncation_problem(dataset, deferred, stat.st_size)
+    if problem:
+        return Refused(job.name, "truncated", problem, calling_ae, _uid(dataset))
+    missing = _missing_uids(dataset)
+    if missing:
+        return Refused(job.name, "missing-uid", missing, calling_ae, _uid(dataset))
+    try:
+        result = anonymizer.anonymize(dataset)
+    except AnonymizationRefused as refused:
+        return Refused(job.name, refused.reason, refused.detail, calling_ae, _uid(dataset))
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {_short(exc)}"
+        return Refused(job.name, "anonymization-failed", detail, calling_ae, _uid(dataset))
+    anonymized = result.dataset
+    missing = _missing_uids(anonymized)
+    if missing:
+        detail = f"after anonymization: {missing}"
+        return Refused(job.name, "anonymization-failed", detail, calling_ae, _uid(dataset))
+    temp = Path(job.temp_folder) / f"{uuid.uuid4().hex}.part"
+    try:
+        _prepare_file_meta(anonymized)
+        relative = archive_path_for(anonymized, job.template)
+        write_part10(anonymized, temp, path, deferred)
+        content_hash = file_sha256(temp)
+        size = temp.stat().st_size
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        if isinstance(exc, EOFError):
+            return Refused(job.name, "truncated", _short(exc), calling_ae, _uid(dataset))
+        return Postponed(job.name, f"cannot write the archive file: {exc.strerror or exc}")
+    except Exception as exc:
+        temp.unlink(missing_ok=True)
+        detail = f"cannot encode the anonymized file: {type(exc).__name__}: {_short(exc)}"
+        return Refused(job.name, "unwritable", detail, calling_ae, _uid(dataset))
+    return _prepared(
+        anonymized,
+        name=job.name,
+        temp=str(temp),
+        archive_path=relative.as_posix(),
+        size=size,
+        content_hash=content_hash,
+        calling_ae=calling_ae,
+        received_at=datetime.fromtimestamp(stat.st_mtime),
+        ruleset_version=result.ruleset_version,
+    )
+
+
+def truncation_problem(
+    dataset: Dataset, deferred: dict[int, RawDataElement], file_size: int
+) -> str | None:
+    """Why the file looks cut short, or None. Compares declared lengths with what is there."""
+    for tag, element in deferred.items():
+        end = element.value_tell + element.length
+        if end > file_size:
+            return (
+                f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {element.length} bytes; "
+                f"the file ends {end - file_size} bytes early"
+            )
+    for tag in list(dataset.keys()):
+        raw: Any = dataset.get_item(tag, keep_deferred=True)
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.value is not None
+            and raw.length != 0xFFFFFFFF
+            and len(raw.value) < raw.length
+        ):
+            return (
+                f"element ({tag.group:04X},{tag.element:04X}) declares {raw.length} bytes; "
+                f"only {len(raw.value)} are in the file"
+            )
+    has_pixels = any(
+        keyword in dataset for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+    )
+    if "Rows" in dataset and "Columns" in dataset and not has_pixels:
+        return "image attributes are present but the pixel data is missing: the file was cut"
+    return None
+
+
+def _is_deflated(dataset: Dataset) -> bool:
+    meta = getattr(dataset, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    return bool(syntax) and UID(syntax).is_deflated
+
+
+def _missing_uids(dataset: Dataset) -> str:
+    try:
+        missing = [k for k in REQUIRED_UIDS if not str(dataset.get(k, "") or "").strip()]
+        too_long = [k for k in REQUIRED_UIDS if len(str(dataset.get(k, "") or "")) > 64]
+    except Exception as exc:
+        return f"cannot read the UIDs: {type(exc).__name__}"
+    if missing:
+        return "missing " + ", ".join(missing)
+    if too_long:
+        return "longer than 64 characters: " + ", ".join(too_long)
+    return ""
+
+
+def _uid(dataset: Dataset) -> str:
+    try:
+        return str(dataset.get("SOPInstanceUID", "") or "")[:MAX_UID_LENGTH]
+    except Exception:
+        return ""
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+
+
+def _prepare_file_meta(dataset: Dataset) -> None:
+    """Meta that matches the anonymized data set; the sender's AE title is not archived."""
+    meta = dataset.file_meta
+    meta.MediaStorageSOPClassUID = UID(str(dataset.SOPClassUID))
+    meta.MediaStorageSOPInstanceUID = UID(str(dataset.SOPInstanceUID))
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if "SourceApplicationEntityTitle" in meta:
+        del meta.SourceApplicationEntityTitle
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = dataset.original_encoding
+        meta.TransferSyntaxUID = UID(
+            "1.2.840.10008.1.2" if implicit or implicit is None else "1.2.840.10008.1.2.1"
+        )
+        if little is False:
+            meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.2")
+
+
+def _text(dataset: Dataset, keyword: str, limit: int) -> str:
+    try:
+        value = dataset.get(keyword, "")
+    except Exception:
+        return ""
+    if value is None:
+        return ""
+    if not isinstance(value, str | int | float) and hasattr(value, "__iter__"):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()[:limit]
+
+
+def _integer(dataset: Dataset, keyword: str) -> int | None:
+    try:
+        value = dataset.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _prepared(dataset: Dataset, **fields: Any) -> Prepared:
+    frames = _integer(dataset, "NumberOfFrames") or 1
+    return Prepared(
+        sop_instance_uid=_text(dataset, "SOPInstanceUID", 64),
+        sop_class_uid=_text(dataset, "SOPClassUID", 64),
+        transfer_syntax_uid=str(dataset.file_meta.get("TransferSyntaxUID", ""))[:64],
+        instance_number=_integer(dataset, "InstanceNumber"),
+        number_of_frames=frames,
+        patient={
+            "patient_id": _text(dataset, "PatientID", 128),
+            "patient_name": _text(dataset, "PatientName", 256),
+            "sex": _text(dataset, "PatientSex", 16),
+            "birth_date": _text(dataset, "PatientBirthDate", 16),
+        },
+        study={
+            "study_instance_uid": _text(dataset, "StudyInstanceUID", 64),
+            "study_date": _text(dataset, "StudyDate", 16),
+            "study_time": _text(dataset, "StudyTime", 16),
+            "description": _text(dataset, "StudyDescription", 256),
+            "accession_number": _text(dataset, "AccessionNumber", 64),
+            "study_id": _text(dataset, "StudyID", 64),
+        },
+        series={
+            "series_instance_uid": _text(dataset, "SeriesInstanceUID", 64),
+            "modality": _text(dataset, "Modality", 16),
+            "series_number": _integer(dataset, "SeriesNumber"),
+            "description": _text(dataset, "SeriesDescription", 256),
+            "body_part": _text(dataset, "BodyPartExamined", 64),
+        },
+        **fields,
+    )
+
+
+# --- what the loop decides for each prepared file ---------------------------------------------
+
+
+@dataclass
+class _Place:
+    item: Prepared
+    replaces: db.Instance | None = None
+    archive_path: str = ""
+
+
+@dataclass
+class _Drop:
+    item: Prepared
+    action: str | None  # None: crash recovery, nothing to tell
+
+
+@dataclass
+class _Conflict:
+    item: Prepared
+    reason: str
+    detail: str
+
+
+@dataclass
+class Counters:
+    archived: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    postponed: int = 0
+
+
+@dataclass
+class ReconcileReport:
+    missing_files: int = 0
+    adopted: int = 0
+    orphans_quarantined: int = 0
+    orphans_removed: int = 0
+    quarantine_repairs: int = 0
+    temp_removed: int = 0
+    details: list[str] = field(default_factory=list)
+
+
+class Autoloader:
+    """Owns incoming/ -> archive/; one per data folder (a lock file makes sure)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sink: EventSink,
+        anonymizer: Anonymizer | None = None,
+        *,
+        processes: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.paths = settings.paths
+        self.options = settings.autoloader
+        template_keywords(self.options.path_template)  # a bad template fails here, not per file
+        self.sink = sink
+        self.anonymizer: Anonymizer = anonymizer if anonymizer is not None else PassThrough()
+        self.processes = _default_processes(self.anonymizer) if processes is None else processes
+        self.counters = Counters()
+        # Several nodes may share one archive folder (each with its own data dir): temporary
+        # files, the journal and the clean-stop marker are per node.
+        node = hashlib.sha256(str(self.paths.data_dir.resolve()).encode()).hexdigest()[:12]
+        self.temp_folder = self.paths.archive / TEMP_FOLDER / node
+        self.journal = self.paths.data_dir / JOURNAL_NAME
+        self.clean_marker = self.paths.data_dir / CLEAN_MARKER_NAME
+        self._lock_handle: IO[str] | None = None
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._recovering: set[str] = set()
+        self._retry_after: dict[str, float] = {}
+        self._needs_reconcile = False
+        self._next_wait: float | None = None
+        self._made_folders: set[Path] = set()
+        self._batch_new_records: set[int] = set()
+        self._batch_touched_records: set[int] = set()
+        self._batch_studies: set[int] = set()
+        self._index_attempts: dict[str, int] = {}
+        self._window_start = time.monotonic()
+        self._window_count = 0
+        self._last_depth = -1
+        self.running = False
+
+    # --- lifetime -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the lock, then watch and process incoming/ in background threads."""
+        self._begin()
+        self.running = True
+        loop = threading.Thread(target=self._run, name="autoloader", daemon=True)
+        watcher = threading.Thread(target=self._watch, name="autoloader-watch", daemon=True)
+        self._threads = [loop, watcher]
+        loop.start()
+        watcher.start()
+
+    def stop(self) -> None:
+        """Finish the batch in hand and stop; what is still waiting stays in incoming/."""
+        self._stopping.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        self._threads = []
+        self._end()
+        self.running = False
+
+    def run_once(self) -> Counters:
+        """Process everything in incoming/ now, in this thread (for the CLI); then release."""
+        self._begin()
+        try:
+            with db.database.connection_context():
+                self._startup_pass()
+        finally:
+            self._end()
+        return self.counters
+
+    def wake(self) -> None:
+        """Look at incoming/ now rather than at the next sweep."""
+        self._wake.set()
+
+    def _begin(self) -> None:
+        self._take_lock()
+        self._stopping.clear()
+        self.temp_folder.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        # We hold the lock: every temporary file left here belongs to a dead process.
+        for leftover in self.temp_folder.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        self._needs_reconcile = not self.clean_marker.exists()
+        self.clean_marker.unlink(missing_ok=True)
+        if self.journal.exists():
+            self._recovering = set(self.journal.read_text(encoding="utf-8").splitlines())
+        if removed:
+            log.info("removed %d temporary files left by an earlier run", removed)
+
+    def _end(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._lock_handle is not None:
+            if not self._needs_reconcile:
+                with contextlib.suppress(OSError):
+                    self.clean_marker.write_text("", encoding="utf-8")
+            self._release_lock()
+
+    def _take_lock(self) -> None:
+        self.paths.data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.paths.data_dir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise AutoloaderBusy(
+                "another webaims-tui process is already processing incoming/ in "
+                f"{self.paths.data_dir}"
+            ) from None
+        self._lock_handle = handle
+
+    def _release_lock(self) -> None:
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    # --- threads ------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        try:
+            for _changes in watchfiles.watch(
+                self.paths.incoming,
+                stop_event=self._stopping,
+                debounce=200,
+                step=20,
+                yield_on_timeout=False,
+                ignore_permission_denied=True,
+            ):
+                self._wake.set()
+        except Exception as exc:
+            # The periodic sweep still finds every file; only the reaction time suffers.
+            log.warning("watching incoming/ failed (%s); relying on the sweep", exc)
+            self.sink(EngineError(where="autoloader watch", message=str(exc)))
+
+    def _run(self) -> None:
+        with db.database.connection_context():
+            first = True
+            while not self._stopping.is_set():
+                try:
+                    if first:
+                        self._startup_pass()
+                        first = False
+                    else:
+                        self._drain()
+                except Exception as exc:
+                    log.exception("autoloader pass failed")
+                    self.sink(EngineError(where="autoloader", message=f"{type(exc).__name__}"))
+                    self._stopping.wait(1.0)
+                wait = self.options.sweep_interval
+                if self._next_wait is not None:
+                    wait = min(wait, self._next_wait)
+                    self._next_wait = None
+                self._wake.wait(wait)
+                self._wake.clear()
+
+    def _startup_pass(self) -> None:
+        self._drain()
+        if self._needs_reconcile and not self._stopping.is_set():
+            report = self.reconcile()
+            self._needs_reconcile = False
+            if report.details:
+                for detail in report.details:
+                    log.warning("reconcile: %s", detail)
+                    self.sink(EngineError(where="reconcile", message=detail))
+        self._drain()
+
+    # --- one pass over incoming/ --------------------------------------------------------------
+
+    def waiting_files(self) -> list[str]:
+        """Names (relative to incoming/) ready to be processed, oldest first."""
+        now = time.time()
+        root = self.paths.incoming
+        names: list[str] = []
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for file in files:
+                if file.startswith(".") or file.endswith(".part"):
+                    continue
+                full = os.path.join(folder, file)
+                name = os.path.relpath(full, root).replace(os.sep, "/")
+                if self._retry_after.get(name, 0.0) > now:
+                    continue
+                if not _ATOMIC_NAME.match(file):
+                    try:
+                        age = now - os.stat(full).st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if age < SETTLE_SECONDS:
+                        self._next_wait = SETTLE_SECONDS
+                        continue
+                names.append(name)
+        names.sort()
+        return names
+
+    def _drain(self) -> None:
+        while not self._stopping.is_set():
+            names = self.waiting_files()
+            if not names:
+                self._report_depth(0)
+                return
+            done = 0
+            for outcomes in self._prepared_batches(names):
+                self._commit(outcomes)
+                done += len(outcomes)
+                self._report_depth(len(names) - done)
+                if self._stopping.is_set():
+                    return
+
+    def _jobs(self, names: Sequence[str]) -> list[Job]:
+        return [
+            Job(
+                incoming=str(self.paths.incoming),
+                name=name,
+                temp_folder=str(self.temp_folder),
+                template=self.options.path_template,
+            )
+            for name in names
+        ]
+
+    def _prepared_batches(self, names: list[str]) -> Iterator[list[Outcome]]:
+        size = self.options.batch_size
+        batches = [names[i : i + size] for i in range(0, len(names), size)]
+        pool = self._get_pool() if len(names) >= POOL_THRESHOLD else self._pool
+        if pool is None:
+            for batch in batches:
+                yield [prepare(job, self.anonymizer) for job in self._jobs(batch)]
+                if self._stopping.is_set():
+                    return
+            return
+        # Two batches in flight: the pool prepares the next while this thread commits one.
+        in_flight: deque[list[concurrent.futures.Future[Outcome]]] = deque()
+        try:
+            for batch in batches:
+                in_flight.append(
+                    [pool.submit(_prepare_in_worker, job) for job in self._jobs(batch)]
+                )
+                if len(in_flight) >= 2:
+                    yield self._results(in_flight.popleft())
+                if self._stopping.is_set():
+                    return
+            while in_flight:
+                yield self._results(in_flight.popleft())
+        finally:
+            for futures in in_flight:
+                for future in futures:
+                    future.cancel()
+
+    def _results(self, futures: list[concurrent.futures.Future[Outcome]]) -> list[Outcome]:
+        results: list[Outcome] = []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except concurrent.futures.process.BrokenProcessPool:
+                # A worker died (out of memory?): the file stays in incoming/ for the next pass.
+                self._pool = None
+                self.processes = 0
+                self.sink(EngineError(where="autoloader", message="a worker process died"))
+                results.append(None)
+            except concurrent.futures.CancelledError:
+                results.append(None)
+        return results
+
+    def _get_pool(self) -> concurrent.futures.ProcessPoolExecutor | None:
+        if self._pool is None and self.processes > 0:
+            # spawn, not fork: this process has threads (pynetdicom, watchfiles, peewee).
+            context = multiprocessing.get_context("spawn")
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.processes,
+                mp_context=context,
+                initializer=_init_worker,
+                initargs=(self.anonymizer,),
+            )
+        return self._pool
+
+    def _report_depth(self, waiting: int) -> None:
+        if waiting != self._last_depth:
+            self._last_depth = waiting
+            self.sink(QueueDepth(waiting=waiting))
+
+    # --- commit a batch -----------------------------------------------------------------------
+
+    def _commit(self, outcomes: list[Outcome]) -> None:
+        prepared = [o for o in outcomes if isinstance(o, Prepared)]
+        now = time.time()
+        for outcome in outcomes:
+            if isinstance(outcome, Postponed):
+                self.counters.postponed += 1
+                self._retry_after[outcome.name] = now + RETRY_AFTER_SECONDS
+                self._next_wait = RETRY_AFTER_SECONDS
+                self.sink(EngineError(where="autoloader", message=outcome.detail))
+        decisions = self._decide(prepared) if prepared else []
+        places = [d for d in decisions if isinstance(d, _Place)]
+        if prepared:
+            self._write_journal([p.name for p in prepared if p.name])
+        self._assign_paths(places)
+        for place in places:
+            self._move_into_archive(place)
+        created: dict[str, bool] = {}
+        self._batch_new_records.clear()
+        self._batch_touched_records.clear()
+        self._batch_studies.clear()
+        if places:
+            try:
+                with db.database.atomic():
+                    created = self._index(places)
+            except pw.PeeweeException as exc:
+                log.warning("batch index failed (%s); indexing one by one", type(exc).__name__)
+                created = self._index_one_by_one(places)
+            self._refresh_aggregates()
+        for decision in decisions:
+            if isinstance(decision, _Place) and decision.item.sop_instance_uid in created:
+                self._finish_incoming(decision.item, decision.archive_path)
+                if decision.replaces is not None and decision.replaces.archive_path not in (
+                    decision.archive_path,
+                    "",
+                ):
+                    with contextlib.suppress(OSError):
+                        (self.paths.archive / decision.replaces.archive_path).unlink()
+            elif isinstance(decision, _Drop):
+                _unlink(decision.item.temp)
+                self._finish_incoming(decision.item, decision.item.archive_path)
+                if decision.action:
+                    self.counters.duplicates += 1
+                    self.sink(
+                        InstanceDuplicate(
+                            sop_instance_uid=decision.item.sop_instance_uid,
+                            action=decision.action,
+                        )
+                    )
+            elif isinstance(decision, _Conflict):
+                _unlink(decision.item.temp)
+                self.counters.duplicates += 1
+                self._quarantine(
+                    Refused(
+                        decision.item.name,
+                        decision.reason,
+                        decision.detail,
+                        decision.item.calling_ae,
+                        decision.item.sop_instance_uid,
+                    )
+                )
+                self.sink(
+                    InstanceDuplicate(
+                        sop_instance_uid=decision.item.sop_instance_uid, action="quarantined"
+                    )
+                )
+        for outcome in outcomes:
+            if isinstance(outcome, Refused):
+                self._quarantine(outcome)
+        if prepared:
+            self.journal.unlink(missing_ok=True)
+            self._recovering.difference_update(p.name for p in prepared)
+        self._emit_archived(places, created)
+
+    def _decide(self, prepared: list[Prepared]) -> list[_Place | _Drop | _Conflict]:
+        uids = list({p.sop_instance_uid for p in prepared})
+        existing = {
+            row.sop_instance_uid: row
+            for row in db.Instance.select().where(db.Instance.sop_instance_uid.in_(uids))
+        }
+        placed: dict[str, _Place] = {}
+        decisions: list[_Place | _Drop | _Conflict] = []
+        policy = self.options.duplicate_policy
+        for item in prepared:
+            uid = item.sop_instance_uid
+            earlier = placed.get(uid)
+            row = existing.get(uid)
+            if earlier is None and row is None:
+                placed[uid] = _Place(item)
+                decisions.append(placed[uid])
+                continue
+            if earlier is None and row is not None and not self._archived_file_exists(row):
+                # The index points at a file that is gone: this copy restores it.
+                placed[uid] = _Place(item, replaces=row)
+                decisions.append(placed[uid])
+                continue
+            current_hash = earlier.item.content_hash if earlier else self._hash_of(row)
+            identical = current_hash == item.content_hash
+            if identical and item.name in self._recovering:
+                decisions.append(_Drop(item, None))
+            elif policy == "reject":
+                decisions.append(
+                    _Conflict(
+                        item,
+                        "duplicate-rejected",
+                        "an instance with this SOP Instance UID is already archived "
+                        f"({'identical' if identical else 'different'} content); "
+                        "duplicate_policy is reject",
+                    )
+                )
+            elif identical:
+                decisions.append(_Drop(item, "dropped identical copy"))
+            elif policy == "keep-first":
+                decisions.append(
+                    _Conflict(
+                        item,
+                        "duplicate-conflict",
+                        "an instance with this SOP Instance UID but different content is "
+                        "already archived; duplicate_policy is keep-first",
+                    )
+                )
+            else:  # overwrite
+                if earlier is not None:
+                    decisions[decisions.index(earlier)] = _Drop(earlier.item, "overwritten")
+                placed[uid] = _Place(item, replaces=row)
+                decisions.append(placed[uid])
+        return decisions
+
+    def _archived_file_exists(self, row: db.Instance) -> bool:
+        return bool(row.archive_path) and (self.paths.archive / row.archive_path).is_file()
+
+    def _hash_of(self, row: db.Instance | None) -> str:
+        if row is None:
+            return ""
+        if row.content_hash:
+            return str(row.content_hash)
+        try:
+            return file_sha256(self.paths.archive / row.archive_path)
+        except OSError:
+            return ""
+
+    def _assign_paths(self, places: list[_Place]) -> None:
+        """Final paths; two different UIDs never share one (sanitizing can merge values)."""
+        used: dict[str, str] = {}
+        for place in places:
+            item = place.item
+            wanted = item.archive_path
+            if place.replaces is not None and not item.temp:
+                wanted = place.replaces.archive_path
+            path = wanted
+            if self._path_taken(path, item.sop_instance_uid, used):
+                digest = _uid_digest(item.sop_instance_uid)
+                pure = PurePosixPath(wanted)
+                path = str(pure.with_name(f"{pure.stem}-{digest}{pure.suffix}"))
+            used[path] = item.sop_instance_uid
+            place.archive_path = path
+
+    def _path_taken(self, path: str, uid: str, used: dict[str, str]) -> bool:
+        if path in used:
+            return used[path] != uid
+        if not (self.paths.archive / path).exists():
+            return False
+        owner = (
+            db.Instance.select(db.Instance.sop_instance_uid)
+            .where(db.Instance.archive_path == path)
+            .scalar()
+        )
+        # No owner: a file our own killed run renamed there before its commit; take it over.
+        return owner is not None and owner != uid
+
+    def _move_into_archive(self, place: _Place) -> None:
+        if not place.item.temp:
+            return  # adopting a file that is already in the archive
+        target = inside(self.paths.archive, PurePosixPath(place.archive_path))
+        folder = target.parent
+        if folder not in self._made_folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._made_folders.add(folder)
+            if len(self._made_folders) > 10_000:
+                self._made_folders.clear()
+        try:
+            os.replace(place.item.temp, target)
+        except FileNotFoundError:
+            # The folder was removed under us (a unit deleted in the browser): make it again.
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(place.item.temp, target)
+
+    def _index(self, places: list[_Place]) -> dict[str, bool]:
+        """Rows for a batch, inside the caller's transaction; returns {uid: record created}."""
+        now = datetime.now()
+        unit = self.options.record_unit
+        keys = {self._record_key(p.item) for p in places}
+        records = {r.key: r for r in db.Record.select().where(db.Record.key.in_(list(keys)))}
+        new_records = keys - records.keys()
+        if new_records:
+            # insert_missing: another node on a shared PostgreSQL database may race us.
+            db.insert_missing(
+                db.Record,
+                [
+                    {
+                        "unit": unit,
+                        "key": key,
+                        "first_received": now,
+                        "last_received": now,
+                        "last_modified": now,
+                    }
+                    for key in sorted(new_records)
+                ],
+                db.Record.key,
+            )
+            records.update(
+                (r.key, r) for r in db.Record.select().where(db.Record.key.in_(sorted(new_records)))
+            )
+
+        patients = self._ensure(
+            db.Patient,
+            db.Patient.patient_id,
+            {p.item.patient["patient_id"]: p for p in places},
+            lambda p: dict(p.item.patient),
+        )
+        studies = self._ensure(
+            db.Study,
+            db.Study.study_instance_uid,
+            {p.item.study["study_instance_uid"]: p for p in places},
+            lambda p: dict(
+                p.item.study,
+                patient=patients[p.item.patient["patient_id"]],
+                record=records[self._record_key(p.item)].id if unit != "series" else None,
+            ),
+        )
+        series = self._ensure(
+            db.Series,
+            db.Series.series_instance_uid,
+            {p.item.series["series_instance_uid"]: p for p in places},
+            lambda p: dict(
+                p.item.series,
+                study=studies[p.item.study["study_instance_uid"]],
+                record=records[self._record_key(p.item)].id,
+            ),
+        )
+        touched_records = {records[self._record_key(p.item)].id for p in places}
+        rows = []
+        for place in places:
+            item = place.item
+            values = {
+                "sop_instance_uid": item.sop_instance_uid,
+                "series": series[item.series["series_instance_uid"]],
+                "record": records[self._record_key(item)].id,
+                "sop_class_uid": item.sop_class_uid,
+                "instance_number": item.instance_number,
+                "transfer_syntax_uid": item.transfer_syntax_uid,
+                "number_of_frames": item.number_of_frames,
+                "size": item.size,
+                "received_at": item.received_at,
+                "calling_ae": item.calling_ae[:16],
+                "archive_path": place.archive_path,
+                "ruleset_version": item.ruleset_version,
+                "content_hash": item.content_hash,
+            }
+            if place.replaces is not None:
+                if cast(Any, place.replaces).record_id is not None:
+                    touched_records.add(cast(Any, place.replaces).record_id)
+                db.Instance.update(values).where(db.Instance.id == place.replaces.id).execute()
+            else:
+                rows.append(values)
+        for start in range(0, len(rows), 200):
+            db.Instance.insert_many(rows[start : start + 200]).execute()
+        self._batch_studies.update(studies[p.item.study["study_instance_uid"]] for p in places)
+        created: dict[str, bool] = {}
+        first_of: set[str] = set()
+        for place in places:
+            key = self._record_key(place.item)
+            is_first = key in new_records and key not in first_of
+            first_of.add(key)
+            created[place.item.sop_instance_uid] = is_first
+        self._batch_new_records.update(records[k].id for k in new_records)
+        self._batch_touched_records.update(touched_records)
+        return created
+
+    def _ensure(
+        self,
+        model: type[db.BaseModel],
+        column: pw.Field,
+        wanted: dict[str, _Place],
+        values: Any,
+    ) -> dict[str, int]:
+        """Ids of the rows keyed by ``column``, creating the missing ones (first values win)."""
+        query = model.select(column, model.id).where(column.in_(list(wanted)))
+        found: dict[str, int] = dict(_tuples(query))
+        missing = [key for key in wanted if key not in found]
+        for start in range(0, len(missing), 200):
+            chunk = missing[start : start + 200]
+            db.insert_missing(model, [values(wanted[key]) for key in chunk], column)
+            query = model.select(column, model.id).where(column.in_(chunk))
+            found.update(_tuples(query))
+        return found
+
+    def _refresh_aggregates(self) -> None:
+        """Study modalities and record counts, recounted after the batch committed.
+
+        Counting in a transaction of its own, after the commit, sees every committed row: when
+        two nodes fill one record at once, whichever recounts last is right.
+        """
+        try:
+            with db.database.atomic():
+                self._update_study_modalities(self._batch_studies)
+                self._update_records(self._batch_touched_records, datetime.now())
+        except pw.PeeweeException as exc:
+            log.warning("cannot refresh record counts (%s)", type(exc).__name__)
+            self.sink(EngineError(where="autoloader", message=f"record counts: {exc}"))
+
+    def _update_study_modalities(self, study_ids: set[int]) -> None:
+        for study_id in study_ids:
+            modalities = sorted(
+                {
+                    m
+                    for (m,) in _tuples(
+                        db.Series.select(db.Series.modality)
+                        .where(db.Series.study == study_id)
+                        .distinct()
+                    )
+                    if m
+                }
+            )
+            db.Study.update(modalities="\\".join(modalities)[:128]).where(
+                db.Study.id == study_id
+            ).execute()
+
+    def _update_records(self, record_ids: set[int], now: datetime) -> None:
+        for record_id in record_ids:
+            instances = db.Instance.select().where(db.Instance.record == record_id).count()
+            series_count = (
+                db.Instance.select(pw.fn.COUNT(pw.fn.DISTINCT(db.Instance.series)))
+                .where(db.Instance.record == record_id)
+                .scalar()
+            )
+            modalities = sorted(
+                {
+                    m
+                    for (m,) in _tuples(
+                        db.Series.select(db.Series.modality)
+                        .join(db.Instance, on=db.Instance.series == db.Series.id)
+                        .where(db.Instance.record == record_id)
+                        .distinct()
+                    )
+                    if m
+                }
+            )
+            db.Record.update(
+                instance_count=instances,
+                series_count=series_count or 0,
+                modalities="\\".join(modalities)[:128],
+                last_received=now,
+                last_modified=now,
+            ).where(db.Record.id == record_id).execute()
+
+    def _index_one_by_one(self, places: list[_Place]) -> dict[str, bool]:
+        created: dict[str, bool] = {}
+        for place in places:
+            name = place.item.name
+            try:
+                with db.database.atomic():
+                    created.update(self._index([place]))
+                continue
+            except pw.IntegrityError:
+                # Most likely another node indexed the same instance a moment ago: leave the
+                # file in incoming/; the next pass sees a duplicate and decides by policy.
+                attempts = self._index_attempts.get(name, 0) + 1
+                self._index_attempts[name] = attempts
+                if attempts < 5:
+                    self._retry_after[name] = time.time() + attempts
+                    self._next_wait = 1.0
+                    continue
+                detail = "the database refused the instance repeatedly (unique constraint)"
+            except pw.PeeweeException as exc:
+                detail = f"the database refused the instance: {type(exc).__name__}: {exc}"
+            self._index_attempts.pop(name, None)
+            if place.item.temp and place.replaces is None and not self._path_owned(place):
+                # Our copy has no row: remove it; the original goes to quarantine.
+                (self.paths.archive / place.archive_path).unlink(missing_ok=True)
+            if name:
+                self._quarantine(
+                    Refused(
+                        name,
+                        "index-failed",
+                        detail,
+                        place.item.calling_ae,
+                        place.item.sop_instance_uid,
+                    )
+                )
+        return created
+
+    def _path_owned(self, place: _Place) -> bool:
+        return bool(
+            db.Instance.select().where(db.Instance.archive_path == place.archive_path).exists()
+        )
+
+    def _record_key(self, item: Prepared) -> str:
+        unit = self.options.record_unit
+        if unit == "patient":
+            return item.patient["patient_id"]
+        if unit == "series":
+            return str(item.series["series_instance_uid"])
+        return item.study["study_instance_uid"]
+
+    def _finish_incoming(self, item: Prepared, archive_path: str) -> None:
+        if not item.name:
+            return
+        source = self.paths.incoming / item.name
+        if self.options.keep_originals and archive_path:
+            target = inside(self.paths.originals, PurePosixPath(archive_path))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(source, target)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                shutil.move(str(source), str(target))
+            return
+        source.unlink(missing_ok=True)
+
+    def _quarantine(self, refused: Refused) -> None:
+        source = self.paths.incoming / refused.name
+        if not source.exists():
+            return
+        source_ae = refused.calling_ae or ("import" if "--" in source.name else "")
+        try:
+            quarantine_file(
+                self.paths.quarantine,
+                source,
+                reason=refused.reason,
+                detail=refused.detail,
+                source_ae=source_ae,
+                sop_instance_uid=refused.sop_instance_uid,
+            )
+        except OSError as exc:
+            self._retry_after[refused.name] = time.time() + RETRY_AFTER_SECONDS
+            self.sink(EngineError(where="quarantine", message=f"cannot quarantine: {exc}"))
+            return
+        self.counters.quarantined += 1
+        log.info("quarantined %s: %s", refused.name, refused.reason)
+        self.sink(
+            InstanceQuarantined(
+                file_name=original_name_of(source.name),
+                reason=refused.reason,
+                detail=refused.detail,
+            )
+        )
+
+    def _write_journal(self, names: list[str]) -> None:
+        temporary = self.journal.with_name(self.journal.name + ".tmp")
+        temporary.write_text("\n".join(names), encoding="utf-8")
+        os.replace(temporary, self.journal)
+
+    def _emit_archived(self, places: list[_Place], created: dict[str, bool]) -> None:
+        if not created:
+            return
+        new_records = self._batch_new_records
+        touched = self._batch_touched_records
+        for place in places:
+            item = place.item
+            if item.sop_instance_uid not in created:
+                continue
+            self.counters.archived += 1
+            self._window_count += 1
+            self.sink(
+                InstanceArchived(
+                    sop_instance_uid=item.sop_instance_uid,
+                    sop_class_uid=item.sop_class_uid,
+                    modality=str(item.series["modality"]),
+                    record_key=self._record_key(item),
+                    record_created=created[item.sop_instance_uid],
+                    archive_path=place.archive_path,
+                    size=item.size,
+                    patient_id=item.patient["patient_id"],
+                    patient_name=item.patient["patient_name"],
+                )
+            )
+        for record in db.Record.select().where(db.Record.id.in_(list(touched))):
+            kind = RecordCreated if record.id in new_records else RecordUpdated
+            self.sink(
+                kind(
+                    unit=record.unit,
+                    key=record.key,
+                    instance_count=record.instance_count,
+                    series_count=record.series_count,
+                    modalities=record.modalities,
+                )
+            )
+        elapsed = time.monotonic() - self._window_start
+        if elapsed >= THROUGHPUT_INTERVAL:
+            self.sink(
+                Throughput(
+                    instances_per_second=self._window_count / elapsed,
+                    archived_total=self.counters.archived,
+                )
+            )
+            self._window_start = time.monotonic()
+            self._window_count = 0
+
+    # --- reconciliation -----------------------------------------------------------------------
+
+    def reconcile(self) -> ReconcileReport:
+        """Make the index and the archive folder agree (run by the loop thread, or under lock).
+
+        Rows whose file is gone are removed (and said so); archive files with no row are indexed
+        where they are (they are already anonymized output) or, when their UID is indexed
+        elsewhere with other content, quarantined as ``orphaned``.
+        """
+        report = ReconcileReport()
+        archive = self.paths.archive
+        on_disk: set[str] = set()
+        for folder, dirs, files in os.walk(archive):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for file in files:
+                if file.startswith("."):
+                    continue
+                on_disk.add(
+                    os.path.relpath(os.path.join(folder, file), archive).replace(os.sep, "/")
+                )
+        missing: list[tuple[int, int | None]] = []
+        for row_id, path, record_id in _tuples(
+            db.Instance.select(db.Instance.id, db.Instance.archive_path, db.Instance.record)
+        ):
+            if path in on_disk:
+                on_disk.discard(path)
+            else:
+                missing.append((row_id, record_id))
+        if missing:
+            with db.database.atomic():
+                ids = [row_id for row_id, _ in missing]
+                for start in range(0, len(ids), 500):
+                    db.Instance.delete().where(
+                        db.Instance.id.in_(ids[start : start + 500])
+                    ).execute()
+                self._update_records({r for _, r in missing if r is not None}, datetime.now())
+            report.missing_files = len(missing)
+            report.details.append(
+                f"{len(missing)} indexed instances had no file in the archive; their index "
+                "rows were removed"
+            )
+        # A young file without a row may be another node's, renamed a moment before its commit
+        # (nodes can share the archive folder); our own crash leftovers were already re-done by
+        # the start-up pass over incoming/.
+        now = time.time()
+        settled = []
+        for relative in sorted(on_disk):
+            with contextlib.suppress(OSError):
+                if now - (archive / relative).stat().st_mtime >= ORPHAN_MIN_AGE_SECONDS:
+                    settled.append(relative)
+        if settled:
+            self._adopt(settled, report)
+        report.quarantine_repairs = reconcile_quarantine(self.paths.quarantine)
+        if report.quarantine_repairs:
+            report.details.append(f"{report.quarantine_repairs} quarantine entries repaired")
+        return report
+
+    def _adopt(self, paths: list[str], report: ReconcileReport) -> None:
+        for start in range(0, len(paths), self.options.batch_size):
+            batch = paths[start : start + self.options.batch_size]
+            adopted: list[Prepared] = []
+            for relative in batch:
+                item = self._read_archived(relative)
+                if item is None:
+                    self._quarantine_orphan(relative, "the file cannot be read as DICOM")
+                    report.orphans_quarantined += 1
+                    continue
+                adopted.append(item)
+            uids = [item.sop_instance_uid for item in adopted]
+            indexed = {
+                row.sop_instance_uid: row
+                for row in db.Instance.select().where(db.Instance.sop_instance_uid.in_(uids))
+            }
+            places: list[_Place] = []
+            seen: dict[str, Prepared] = {}
+            for item in adopted:
+                uid = item.sop_instance_uid
+                other_hash = (
+                    seen[uid].content_hash if uid in seen else self._hash_of(indexed.get(uid))
+                )
+                if uid not in seen and uid not in indexed:
+                    seen[uid] = item
+                    places.append(_Place(item, archive_path=item.archive_path))
+                elif other_hash == item.content_hash:
+                    # Another copy of an instance that is indexed with identical content.
+                    (self.paths.archive / item.archive_path).unlink(missing_ok=True)
+                    report.orphans_removed += 1
+                else:
+                    self._quarantine_orphan(
+                        item.archive_path,
+                        "an instance with this SOP Instance UID and other content is indexed",
+                    )
+                    report.orphans_quarantined += 1
+            if places:
+                self._batch_new_records.clear()
+                self._batch_touched_records.clear()
+                self._batch_studies.clear()
+                with db.database.atomic():
+                    self._index(places)
+                self._refresh_aggregates()
+                report.adopted += len(places)
+        if report.adopted:
+            report.details.append(
+                f"{report.adopted} archive files had no index row; they were indexed in place"
+            )
+        if report.orphans_quarantined:
+            report.details.append(
+                f"{report.orphans_quarantined} archive files could not be indexed; "
+                "moved to quarantine/orphaned"
+            )
+
+    def _read_archived(self, relative: str) -> Prepared | None:
+        path = self.paths.archive / relative
+        try:
+            dataset = dcmread(path, defer_size=DEFER_SIZE)
+            if _missing_uids(dataset):
+                return None
+            stat = path.stat()
+            return _prepared(
+                dataset,
+                name="",
+                temp="",
+                archive_path=relative,
+                size=stat.st_size,
+                content_hash=file_sha256(path),
+                calling_ae="",
+                received_at=datetime.fromtimestamp(stat.st_mtime),
+                ruleset_version=None,
+            )
+        except Exception:
+            return None
+
+    def _quarantine_orphan(self, relative: str, detail: str) -> None:
+        source = self.paths.archive / relative
+        if not source.exists():
+            return
+        quarantine_file(
+            self.paths.quarantine,
+            source,
+            reason="orphaned",
+            detail=f"{detail} (was archive/{relative})",
+            source_ae="",
+        )
+
+
+def _default_processes(anonymizer: Anonymizer) -> int:
+    cpus = os.cpu_count() or 1
+    if cpus < 2:
+        return 0
+    try:
+        pickle.dumps(anonymizer)
+    except Exception:
+        return 0  # the anonymizer cannot travel to a worker process: work in the loop thread
+    return min(4, cpus - 1)
+
+
+def _tuples(query: Any) -> list[tuple[Any, ...]]:
+    """A query's rows as plain tuples (peewee has no type information)."""
+    return list(query.tuples())
+
+
+def _uid_digest(uid: str) -> str:
+    return hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+def _unlink(path: str) -> None:
+    if path:
+        Path(path).unlink(missing_ok=True)
+
+
+# --- import: files, folders and DICOMDIR media into incoming/ ---------------------------------
+
+#: (files done, files in total) after each file.
+ProgressCallback = Callable[[int, int], None]
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
+@dataclass
+class ImportSummary:
+    """What ``webaims-tui import`` did: counts, and the paths it skipped or failed on."""
+
+    imported: int = 0
+    skipped: list[str] = field(default_factory=list)  # not DICOM
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    dicomdirs: int = 0
+
+
+def import_into_incoming(
+    paths: Sequence[Path],
+    incoming: Path,
+    spool: Path,
+    progress: ProgressCallback | None = None,
+) -> ImportSummary:
+    """Copy DICOM files from ``paths`` (files, folders, DICOMDIR files) into ``incoming/``.
+
+    Each file is copied to ``spool/`` and renamed into incoming/, so the autoloader never sees a
+    half-copied file. The source is never modified. A DICOMDIR named directly brings in the
+    files it references; inside a folder it is skipped (the walk finds the same files).
+    """
+    summary = ImportSummary()
+    candidates = _import_candidates(paths, summary)
+    spool.mkdir(parents=True, exist_ok=True)
+    for done, path in enumerate(candidates, start=1):
+        kind = _dicom_kind(path)
+        if kind == "dicomdir":
+            summary.dicomdirs += 1
+        elif kind == "other":
+            summary.skipped.append(str(path))
+        else:
+            name = incoming_name(path.name)
+            temporary = spool / (name + ".part")
+            try:
+                shutil.copyfile(path, temporary)
+                os.replace(temporary, incoming / name)
+                summary.imported += 1
+            except OSError as exc:
+                temporary.unlink(missing_ok=True)
+                summary.failed.append((str(path), exc.strerror or str(exc)))
+        if progress is not None:
+            progress(done, len(candidates))
+    return summary
+
+
+def _import_candidates(paths: Sequence[Path], summary: ImportSummary) -> list[Path]:
+    seen: set[Path] = set()
+    found: list[Path] = []
+
+    def add(path: Path) -> None:
+        resolved = path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            found.append(path)
+
+    for given in paths:
+        if given.is_dir():
+            for folder, dirs, files in os.walk(given):
+                dirs.sort()
+                for file in sorted(files):
+                    add(Path(folder) / file)
+        elif given.is_file():
+            if _dicom_kind(given) == "dicomdir":
+                summary.dicomdirs += 1
+                for referenced in _dicomdir_files(given, summary):
+                    add(referenced)
+            else:
+                add(given)
+        else:
+            summary.failed.append((str(given), "no such file or folder"))
+    return found
+
+
+def _dicom_kind(path: Path) -> str:
+    """ "dicom", "dicomdir" or "other", from the Part 10 header only."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return "other"
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return "other"
+    try:
+        meta = read_file_meta_info(path)
+    except Exception:
+        return "dicom"  # a damaged header: let the autoloader quarantine it with a reason
+    if str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
+        return "dicomdir"
+    return "dicom"
+
+
+def _dicomdir_files(dicomdir: Path, summary: ImportSummary) -> list[Path]:
+    """The files a DICOMDIR references, resolved case-insensitively (CD file systems)."""
+    try:
+        index = dcmread(dicomdir)
+    except Exception as exc:
+        summary.failed.append((str(dicomdir), f"cannot read the DICOMDIR: {_short(exc)}"))
+        return []
+    root = dicomdir.parent
+    files: list[Path] = []
+    for record in index.get("DirectoryRecordSequence", []):
+        file_id = record.get("ReferencedFileID")
+        if not file_id:
+            continue
+        parts = [file_id] if isinstance(file_id, str) else [str(p) for p in file_id]
+        if any(part in ("", ".", "..") or "/" in part for part in parts):
+            summary.failed.append((str(dicomdir), f"unsafe referenced file {parts!r}"))
+            continue
+        path = _find_case_insensitive(root, parts)
+        if path is None:
+            summary.failed.append((str(root.joinpath(*parts)), "referenced but not found"))
+        else:
+            files.append(path)
+    return files
+
+
+def _find_case_insensitive(root: Path, parts: list[str]) -> Path | None:
+    current = root
+    for part in parts:
+        exact = current / part
+        if exact.exists():
+            current = exact
+            continue
+        try:
+            matches = [c for c in current.iterdir() if c.name.lower() == part.lower()]
+        except OSError:
+            return None
+        if not matches:
+            return None
+        current = matches[0]
+    return current if current.is_file() else None
