@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import peewee as pw
 
 from webaims_tui.config import Settings, ensure_folders
-from webaims_tui.engine import browse, db
+from webaims_tui.engine import browse, db, qr
+from webaims_tui.engine import nodes as remote_nodes
 from webaims_tui.engine.events import EngineEvent, EventSink
 from webaims_tui.engine.scp import StorageServer, sop_class_name
 
@@ -120,6 +123,183 @@ class Engine:
         return browse.export_unit(
             self.settings.paths.archive, level, unit_id, destination, as_zip=as_zip
         )
+
+    # --- query/retrieve (remote nodes; see engine/qr.py and engine/nodes.py) ----------------
+
+    def nodes(self) -> list[db.RemoteNode]:
+        return remote_nodes.list_nodes()
+
+    def node(self, name: str) -> db.RemoteNode:
+        """The stored node, or NodeError listing the known names."""
+        return remote_nodes.get_node(name)
+
+    def add_node(self, name: str, **values: object) -> db.RemoteNode:
+        return remote_nodes.add_node(name, **values)
+
+    def edit_node(self, name: str, **changes: object) -> db.RemoteNode:
+        return remote_nodes.edit_node(name, **changes)
+
+    def remove_node(self, name: str) -> None:
+        remote_nodes.remove_node(name)
+
+    def qr_client(self) -> qr.QRClient:
+        """A client calling as our AE title; C-MOVE sends to the port the SCP listens on."""
+        server = self.settings.server
+        listening = self.server is not None and self.server.listening
+        port = self.server.port if self.server is not None and listening else server.port
+        return qr.QRClient(
+            qr.LocalAE(ae_title=server.ae_title, port=port),
+            incoming=self.settings.paths.incoming,
+            spool=self.settings.paths.spool,
+            min_free_disk_mb=server.min_free_disk_mb,
+            sink=self.sink,
+        )
+
+    def _peer(self, node: str | qr.Peer) -> qr.Peer:
+        return node if isinstance(node, qr.Peer) else remote_nodes.peer_for(self.node(node))
+
+    def echo(self, node: str | qr.Peer) -> qr.EchoResult:
+        """C-ECHO a stored node (by name) or an ad-hoc peer; never raises for network trouble."""
+        peer = self._peer(node)
+        result = self.qr_client().echo(peer)
+        if isinstance(node, str):
+            remote_nodes.record_echo(node, result)
+        return result
+
+    def find(
+        self, node: str | qr.Peer, query: qr.FindQuery, cancel: qr.CancelToken | None = None
+    ) -> qr.FindResult:
+        """C-FIND (after a C-ECHO); raises QRFailure with an explanation when it cannot run."""
+        return self.qr_client().find(self._peer(node), query, cancel)
+
+    def retrieve(
+        self,
+        node: str | qr.Peer,
+        targets: list[qr.RetrieveTarget],
+        *,
+        method: qr.RetrieveMethod | None = None,
+        destination: str | None = None,
+        cancel: qr.CancelToken | None = None,
+    ) -> qr.RetrieveSummary:
+        """C-MOVE (to us, or ``destination``) or C-GET, as the node says unless ``method``."""
+        peer = self._peer(node)
+        client = self.qr_client()
+        classes: list[str] = []
+        if (method or peer.retrieve_method) == "c-get":
+            classes = self._remote_sop_classes(client, peer, targets, cancel)
+        return client.retrieve(
+            peer,
+            targets,
+            method=method,
+            destination=destination,
+            cancel=cancel,
+            sop_classes=classes,
+        )
+
+    def start_retrieve(
+        self,
+        node: str | qr.Peer,
+        targets: list[qr.RetrieveTarget],
+        *,
+        method: qr.RetrieveMethod | None = None,
+        destination: str | None = None,
+    ) -> qr.BackgroundOperation[qr.RetrieveSummary]:
+        """The retrieve in a thread: ``handle.cancel()`` sends a C-CANCEL, ``wait()`` returns."""
+        return qr.BackgroundOperation(
+            lambda token: self.retrieve(
+                node, targets, method=method, destination=destination, cancel=token
+            ),
+            name="retrieve",
+        )
+
+    def _remote_sop_classes(
+        self,
+        client: qr.QRClient,
+        peer: qr.Peer,
+        targets: list[qr.RetrieveTarget],
+        cancel: qr.CancelToken | None,
+    ) -> list[str]:
+        """C-GET must offer each storage class the PACS will send: ask it which ones."""
+        classes: set[str] = set()
+        for target in targets:
+            if not target.study_instance_uid:
+                return []  # patient level: the common classes are offered
+            query = qr.FindQuery(
+                level="IMAGE",
+                study_instance_uid=target.study_instance_uid,
+                series_instance_uid=target.series_instance_uid,
+            )
+            try:
+                rows = client.find(peer, query, cancel).rows
+            except qr.QRFailure:
+                return []
+            classes |= {r.sop_class_uid for r in rows if isinstance(r, qr.InstanceRow)}
+        return sorted(c for c in classes if c)
+
+    def archived_original_sop_uids(
+        self, study_instance_uid: str, candidates: Collection[str]
+    ) -> set[str]:
+        """Which of these *original* SOP Instance UIDs the archive already holds.
+
+        The archive stores anonymized UIDs; the originals live in the anonymizer's linkage
+        database. Until that lookup is wired in, this answers from what the SCP (and C-GET)
+        logged as successfully received, which holds the original UIDs whatever the
+        anonymization does. Replace the body, not the signature, when the linkage is ready.
+        """
+        found: set[str] = set()
+        wanted = list(candidates)
+        with db.database.connection_context():
+            for start in range(0, len(wanted), 500):
+                batch = wanted[start : start + 500]
+                log_rows = db.ReceivedInstanceLog
+                query = log_rows.select(log_rows.sop_instance_uid).where(
+                    log_rows.sop_instance_uid.in_(batch), log_rows.status == 0
+                )
+                found.update(row.sop_instance_uid for row in query)
+        return found
+
+    def verify(
+        self, node: str | qr.Peer, study_instance_uid: str, series_instance_uid: str = ""
+    ) -> qr.VerifyReport:
+        """Remote IMAGE-level count versus what the archive holds, with the missing instances."""
+        return qr.verify(
+            self.qr_client(),
+            self._peer(node),
+            study_instance_uid,
+            series_instance_uid,
+            held=self.archived_original_sop_uids,
+        )
+
+    def fetch_missing(
+        self,
+        node: str | qr.Peer,
+        study_instance_uid: str,
+        series_instance_uid: str = "",
+        *,
+        method: qr.RetrieveMethod | None = None,
+        cancel: qr.CancelToken | None = None,
+    ) -> qr.FetchMissingReport:
+        """Verify, retrieve only the missing instances, verify again and report the difference."""
+        return qr.fetch_missing(
+            self.qr_client(),
+            self._peer(node),
+            study_instance_uid,
+            series_instance_uid,
+            held=self.archived_original_sop_uids,
+            method=method,
+            cancel=cancel,
+            settle=self._wait_for_receptions,
+        )
+
+    def _wait_for_receptions(self, timeout: float = 15.0) -> None:
+        """The SCP logs received instances when the sender's association closes: wait for it."""
+        deadline = time.monotonic() + timeout
+        while (
+            self.server is not None
+            and self.server.active_associations
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
 
 
 def _count_files(folder: Path, exclude_suffix: str) -> int:
