@@ -617,6 +617,8 @@ class _AssociationDiagnostics:
     """What the network told us while associating, to explain a failure precisely."""
 
     connected: bool = False
+    #: The peer accepted the association but none of our contexts (pynetdicom then aborts).
+    accepted: bool = False
     rejection: tuple[int, int, int] | None = None
     aborted_by_peer: tuple[int, int] | None = None
     started: float = field(default_factory=time.monotonic)
@@ -694,6 +696,9 @@ class QRClient:
         def on_open(event: evt.Event) -> None:
             diagnostics.connected = True
 
+        def on_accepted(event: evt.Event) -> None:
+            diagnostics.accepted = True
+
         def on_acse(event: evt.Event) -> None:
             primitive = event.primitive  # type: ignore[attr-defined]
             if isinstance(primitive, A_ASSOCIATE) and primitive.result in (1, 2):
@@ -714,6 +719,7 @@ class QRClient:
         all_handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, on_open),
             (evt.EVT_ACSE_RECV, on_acse),
+            (evt.EVT_ACCEPTED, on_accepted),
             *handlers,
         ]
         assoc = ae.associate(
@@ -726,27 +732,23 @@ class QRClient:
             tls_args=tls_args,
         )
         if not assoc.is_established:
-            raise self._explain_association_failure(peer, diagnostics)
+            raise self._explain_association_failure(peer, diagnostics, required)
         try:
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
             for uid in required:
                 if uid not in accepted:
-                    raise QRFailure(
-                        "context-not-accepted",
-                        f"{peer.label} accepted the association but not the service "
-                        f"{_service_name(uid)} ({uid}): enable it on the PACS for our AE title "
-                        f"{self.local.ae_title!r}, or change the node's query model or "
-                        "retrieve method",
-                    )
+                    raise self._context_not_accepted(peer, uid)
             yield assoc
         finally:
             if assoc.is_established:
                 assoc.release()
 
     def _explain_association_failure(
-        self, peer: Peer, diagnostics: _AssociationDiagnostics
+        self, peer: Peer, diagnostics: _AssociationDiagnostics, required: Sequence[str]
     ) -> QRFailure:
         elapsed = time.monotonic() - diagnostics.started
+        if diagnostics.accepted:
+            return self._context_not_accepted(peer, required[0] if required else "")
         if diagnostics.rejection is not None:
             result, source, diagnostic = diagnostics.rejection
             return QRFailure(
@@ -775,6 +777,14 @@ class QRClient:
                 "refuses our address",
             )
         return _diagnose_connect(peer)
+
+    def _context_not_accepted(self, peer: Peer, uid: str) -> QRFailure:
+        return QRFailure(
+            "context-not-accepted",
+            f"{peer.label} accepted the association but not the service "
+            f"{_service_name(uid)} ({uid}): enable it on the PACS for our AE title "
+            f"{self.local.ae_title!r}, or change the node's query model or retrieve method",
+        )
 
     # --- C-ECHO -------------------------------------------------------------------------------
 
