@@ -16,6 +16,7 @@ from tests.postgres import (  # noqa: F401  (fixtures, found by pytest through t
     postgres_url,
 )
 from webaims_tui.config import Overrides, Settings, load_settings
+from webaims_tui.engine.scp import StorageServer
 from webaims_tui.engine.service import Engine
 
 
@@ -71,6 +72,19 @@ def engine(make_settings: SettingsFactory, events: EventRecorder) -> Iterator[En
     """A started engine (SCP listening on a free loopback port) on a temporary data dir."""
     running = Engine(make_settings(), sink=events)
     running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def receiver(make_settings: SettingsFactory, events: EventRecorder) -> Iterator[Engine]:
+    """An engine with only the Storage SCP running: received files stay in incoming/."""
+    settings = make_settings()
+    running = Engine(settings, sink=events)
+    running.open()
+    paths = settings.paths
+    running.server = StorageServer(settings.server, paths.incoming, paths.spool, events)
+    running.server.start()
     yield running
     running.stop()
 

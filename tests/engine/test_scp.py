@@ -35,10 +35,10 @@ def _port(engine: Engine) -> int:
     return engine.server.port
 
 
-def test_echo_succeeds(engine: Engine) -> None:
+def test_echo_succeeds(receiver: Engine) -> None:
     ae = _scu()
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", _port(engine), ae_title="WEBAIMS")
+    assoc = ae.associate("127.0.0.1", _port(receiver), ae_title="WEBAIMS")
     assert assoc.is_established
     status = assoc.send_c_echo()
     assoc.release()
@@ -46,15 +46,15 @@ def test_echo_succeeds(engine: Engine) -> None:
 
 
 def test_every_storage_file_of_the_corpus_is_stored_as_sent(
-    engine: Engine, events: EventRecorder, corpus: list[Path]
+    receiver: Engine, events: EventRecorder, corpus: list[Path]
 ) -> None:
-    incoming = engine.settings.paths.incoming
+    incoming = receiver.settings.paths.incoming
     ae = _scu()
     # One context per (SOP class, transfer syntax) pair: each file goes in its own syntax, as a
     # modality would send it.
     for sop_class, syntax in sorted({_context_of(path) for path in corpus}):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate("127.0.0.1", _port(engine), ae_title="WEBAIMS")
+    assoc = ae.associate("127.0.0.1", _port(receiver), ae_title="WEBAIMS")
     assert assoc.is_established
     for path in corpus:
         # Sending the path makes pynetdicom send the file's bytes without re-encoding them.
@@ -77,7 +77,7 @@ def test_every_storage_file_of_the_corpus_is_stored_as_sent(
             if element.tag.element == 0:
                 continue  # group lengths (retired): pynetdicom drops them when it re-encodes
             assert stored[element.tag].value == element.value, f"{path.name} {element.tag}"
-    assert not list(engine.settings.paths.spool.iterdir())
+    assert not list(receiver.settings.paths.spool.iterdir())
 
     events.wait_for(AssociationEnded)
     with db.database.connection_context():
@@ -136,20 +136,20 @@ def test_low_disk_space_answers_out_of_resources_and_writes_nothing(
 
 
 def test_unwritable_incoming_answers_out_of_resources(
-    engine: Engine, events: EventRecorder, corpus: list[Path]
+    receiver: Engine, events: EventRecorder, corpus: list[Path]
 ) -> None:
-    incoming = engine.settings.paths.incoming
+    incoming = receiver.settings.paths.incoming
     incoming.rmdir()
     incoming.write_text("not a folder")  # the rename into incoming/ now fails
     sent = dcmread(corpus[0])
     ae = _scu()
     ae.add_requested_context(sent.SOPClassUID, sent.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", _port(engine), ae_title="WEBAIMS")
+    assoc = ae.associate("127.0.0.1", _port(receiver), ae_title="WEBAIMS")
     status = assoc.send_c_store(sent)
     assoc.release()
     assert status.Status == 0xA700
     assert "cannot write" in events.wait_for(StoreFailed)[0].reason
-    assert not list(engine.settings.paths.spool.iterdir())
+    assert not list(receiver.settings.paths.spool.iterdir())
 
 
 def test_connection_dropped_mid_transfer_leaves_no_file(
@@ -201,10 +201,10 @@ def _large_ct_files() -> list[Path]:
 
 @pytest.mark.parametrize("calling_ae", ["A" * 16])
 def test_sixteen_character_calling_ae_is_recorded(
-    engine: Engine, events: EventRecorder, calling_ae: str
+    receiver: Engine, events: EventRecorder, calling_ae: str
 ) -> None:
     ae = _scu(calling_ae)
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", _port(engine), ae_title="WEBAIMS")
+    assoc = ae.associate("127.0.0.1", _port(receiver), ae_title="WEBAIMS")
     assoc.release()
     assert events.wait_for(AssociationEnded)[0].calling_ae == calling_ae
