@@ -171,6 +171,10 @@ class Orthanc:
             text = response.read()
         return json.loads(text) if text else None
 
+    def rest_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return bytes(response.read())
+
     def get(self, path: str) -> Any:
         return self.rest("GET", path)
 
