@@ -49,6 +49,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from webaims_tui.config import Settings
@@ -334,7 +335,7 @@ def _text(dataset: Dataset, keyword: str, limit: int) -> str:
         return ""
     if value is None:
         return ""
-    if not isinstance(value, str | int | float) and hasattr(value, "__iter__"):
+    if isinstance(value, MultiValue | list | tuple):
         value = "\\".join(str(v) for v in value)
     return str(value).strip()[:limit]
 
@@ -743,6 +744,13 @@ class Autoloader:
         for decision in decisions:
             if isinstance(decision, _Place) and decision.item.sop_instance_uid in created:
                 self._finish_incoming(decision.item, decision.archive_path)
+                if decision.replaces is not None and decision.item.name:
+                    self.counters.duplicates += 1
+                    self.sink(
+                        InstanceDuplicate(
+                            sop_instance_uid=decision.item.sop_instance_uid, action="overwritten"
+                        )
+                    )
                 if decision.replaces is not None and decision.replaces.archive_path not in (
                     decision.archive_path,
                     "",
