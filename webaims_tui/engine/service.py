@@ -18,7 +18,17 @@ import peewee as pw
 from webaims_tui.config import Settings, ensure_folders
 from webaims_tui.engine import browse, db, qr
 from webaims_tui.engine import nodes as remote_nodes
-from webaims_tui.engine.events import EngineEvent, EventSink
+from webaims_tui.engine import quarantine as quarantined
+from webaims_tui.engine.anonymize import Anonymizer
+from webaims_tui.engine.autoloader import (
+    Autoloader,
+    AutoloaderBusy,
+    Counters,
+    ImportSummary,
+    ProgressCallback,
+    import_into_incoming,
+)
+from webaims_tui.engine.events import EngineError, EngineEvent, EventSink
 from webaims_tui.engine.scp import StorageServer, sop_class_name
 
 log = logging.getLogger(__name__)
@@ -49,6 +59,9 @@ class Engine:
         self.sink = sink
         self.database: pw.Database | None = None
         self.server: StorageServer | None = None
+        self.autoloader: Autoloader | None = None
+        #: The anonymizer the autoloader applies; None means pass-through until one is wired in.
+        self.anonymizer: Anonymizer | None = None
 
     # --- lifetime -----------------------------------------------------------------------------
 
@@ -66,12 +79,28 @@ class Engine:
         paths = self.settings.paths
         self.server = StorageServer(self.settings.server, paths.incoming, paths.spool, self.sink)
         self.server.start()
+        self._start_autoloader()
+
+    def _start_autoloader(self) -> None:
+        autoloader = Autoloader(self.settings, self.sink, self.anonymizer)
+        try:
+            autoloader.start()
+        except AutoloaderBusy as exc:
+            # Another process (a second TUI, `serve`) already processes incoming/; receiving
+            # here is still safe: files land in incoming/ and that process archives them.
+            log.warning("%s", exc)
+            self.sink(EngineError(where="autoloader", message=str(exc)))
+            return
+        self.autoloader = autoloader
 
     def stop(self) -> None:
         """Stop accepting associations, let running ones finish, close the database."""
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self.autoloader is not None:
+            self.autoloader.stop()
+            self.autoloader = None
         if self.database is not None:
             self.database.close()
             self.database = None
@@ -300,6 +329,51 @@ class Engine:
             and time.monotonic() < deadline
         ):
             time.sleep(0.05)
+
+    # --- autoloader, import and quarantine (see engine/autoloader.py, engine/quarantine.py) ---
+
+    def process_incoming(self) -> Counters | None:
+        """Archive what waits in incoming/ now, in this thread, when no autoloader runs.
+
+        Returns the counts, or None when an autoloader (this engine's or another process's)
+        owns incoming/: it will process the files itself.
+        """
+        if self.autoloader is not None:
+            self.autoloader.wake()
+            return None
+        self.open()
+        try:
+            return Autoloader(self.settings, self.sink, self.anonymizer).run_once()
+        except AutoloaderBusy:
+            return None
+
+    def import_paths(
+        self, paths: list[Path], progress: ProgressCallback | None = None
+    ) -> ImportSummary:
+        """Copy DICOM files, folders (recursive) and DICOMDIR media into incoming/."""
+        self.open()
+        summary = import_into_incoming(
+            paths, self.settings.paths.incoming, self.settings.paths.spool, progress
+        )
+        if self.autoloader is not None:
+            self.autoloader.wake()
+        return summary
+
+    def quarantine_entries(self, reason: str | None = None) -> list[quarantined.QuarantinedFile]:
+        """Every file in quarantine with why, when and from whom, oldest first."""
+        self.open()
+        with db.database.connection_context():
+            return quarantined.entries(reason)
+
+    def retry_quarantined(self, ids: list[int] | None) -> list[int]:
+        """Move quarantined files (all when ``ids`` is None) back into incoming/."""
+        self.open()
+        paths = self.settings.paths
+        with db.database.connection_context():
+            released = quarantined.release(paths.quarantine, paths.incoming, ids)
+        if self.autoloader is not None:
+            self.autoloader.wake()
+        return released
 
 
 def _count_files(folder: Path, exclude_suffix: str) -> int:
