@@ -130,7 +130,7 @@ def get_node(name: str) -> db.RemoteNode:
     return node
 
 
-def add_node(name: str, **values: Any) -> db.RemoteNode:
+def add_node(name: str, /, **values: Any) -> db.RemoteNode:
     """Create a node; ``ae_title``, ``host`` and ``port`` are required."""
     for required in ("ae_title", "host", "port"):
         if required not in values or values[required] in ("", None):
@@ -145,7 +145,7 @@ def add_node(name: str, **values: Any) -> db.RemoteNode:
             raise NodeError(f"name = {name!r}: cannot store the node ({exc})") from None
 
 
-def edit_node(name: str, **changes: Any) -> db.RemoteNode:
+def edit_node(name: str, /, **changes: Any) -> db.RemoteNode:
     """Change some fields of a node (``name`` among them renames it)."""
     clean = validate_node(changes)
     node = get_node(name)

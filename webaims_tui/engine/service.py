@@ -162,10 +162,11 @@ class Engine:
         """The stored node, or NodeError listing the known names."""
         return remote_nodes.get_node(name)
 
-    def add_node(self, name: str, **values: object) -> db.RemoteNode:
+    def add_node(self, name: str, /, **values: object) -> db.RemoteNode:
         return remote_nodes.add_node(name, **values)
 
-    def edit_node(self, name: str, **changes: object) -> db.RemoteNode:
+    def edit_node(self, name: str, /, **changes: object) -> db.RemoteNode:
+        """Change fields of a node; ``name=`` among the changes renames it."""
         return remote_nodes.edit_node(name, **changes)
 
     def remove_node(self, name: str) -> None:
