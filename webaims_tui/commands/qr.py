@@ -22,7 +22,12 @@ from typing import Any, cast
 from webaims_tui.commands.nodes import split_address
 from webaims_tui.config import Settings
 from webaims_tui.engine import qr
-from webaims_tui.engine.events import EngineEvent, RetrieveProgress, ServerFailed
+from webaims_tui.engine.events import (
+    EngineEvent,
+    RetrieveFinished,
+    RetrieveProgress,
+    ServerFailed,
+)
 from webaims_tui.engine.nodes import NodeError
 from webaims_tui.engine.service import Engine
 
@@ -221,10 +226,14 @@ class _Progress:
         self.tty = sys.stderr.isatty()
 
     def __call__(self, event: EngineEvent) -> None:
-        if not isinstance(event, RetrieveProgress):
+        # Pending responses stop one short of the end; the final response completes the bar.
+        if not isinstance(event, RetrieveProgress | RetrieveFinished):
             return
         done = event.completed + event.failed + event.warning
-        total = done + (event.remaining or 0)
+        remaining = event.remaining if isinstance(event, RetrieveProgress) else 0
+        if isinstance(event, RetrieveFinished) and event.cancelled:
+            return  # what was not sent is in the summary
+        total = done + (remaining or 0)
         width = 30
         filled = width * done // total if total else 0
         line = (
