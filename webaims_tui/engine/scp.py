@@ -48,7 +48,11 @@ from webaims_tui.engine.events import (
 )
 from webaims_tui.engine.store_checks import store_problem
 from webaims_tui.engine.tls import TLSSetupError, server_ssl_context
-from webaims_tui.engine.transport import GuardedAssociationServer, TransportLimits
+from webaims_tui.engine.transport import (
+    GuardedApplicationEntity,
+    GuardedAssociationServer,
+    TransportLimits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +142,7 @@ class StorageServer:
 
     def _make_ae(self) -> AE:
         s = self.settings
-        ae = AE(ae_title=s.ae_title)
+        ae = GuardedApplicationEntity(ae_title=s.ae_title)
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_associations = s.max_associations

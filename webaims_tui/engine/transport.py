@@ -14,8 +14,8 @@ at the one place every byte passes, the association socket, without patching pyn
   half a PDU header and stalls would hold two threads forever).
 - Connections that have not yet sent their first PDU are capped; the oldest is closed to make
   room, so a few hundred idle sockets cannot exhaust threads. They do not count against the
-  association limit either (pynetdicom counts every acceptor thread), so idle sockets cannot lock
-  out a real modality.
+  association limit either (pynetdicom counts every association thread, see
+  GuardedApplicationEntity), so idle sockets cannot lock out a real modality.
 - With TLS, the handshake runs in the connection's own thread, under the network timeout, not in
   the accept loop where one silent client would stop the server from accepting anyone.
 """
@@ -28,6 +28,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,12 @@ KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
 #: Largest non-P-DATA PDU accepted. An A-ASSOCIATE-RQ with all 128 presentation contexts and
 #: dozens of transfer syntaxes each is a few hundred KB; anything bigger is not a real request.
 CONTROL_PDU_LIMIT = 1024 * 1024
+
+#: Seconds between socket polls of a connection that has not sent its first PDU yet.
+PENDING_POLL_INTERVAL = 0.01
+
+#: Seconds between two log lines about closing silent connections.
+EVICTION_LOG_INTERVAL = 10.0
 
 #: Slack over the negotiated maximum: some senders count the 6-byte PDU header in it.
 PDU_LENGTH_SLACK = 6
@@ -79,8 +86,8 @@ class TransportLimits:
             return max(CONTROL_PDU_LIMIT, self.max_pdu_size)
         if self.max_pdu_size:
             return self.max_pdu_size + PDU_LENGTH_SLACK
-        # "Unlimited" still may not hold more than one instance's worth in one PDU.
-        return self.max_instance_bytes + CONTROL_PDU_LIMIT
+        # Unlimited: the body is streamed item by item with the data set capped, never held whole.
+        return 2**32 - 1
 
 
 class GuardedAssociationSocket(AssociationSocket):
@@ -88,8 +95,8 @@ class GuardedAssociationSocket(AssociationSocket):
 
     pynetdicom's DUL reads a PDU as ``recv(6)`` (type and length) then ``recv(length)``. The
     header read is where the guard acts: it refuses an oversized length, and for P-DATA it reads
-    the body at once, drops data-set bytes past the per-instance limit and hands back a rewritten
-    header and body.
+    the body at once, item by item, drops data-set bytes past the per-instance limit and hands
+    back a rewritten header and body.
     """
 
     _guard_server: GuardedAssociationServer
@@ -98,6 +105,7 @@ class GuardedAssociationSocket(AssociationSocket):
     _dataset_bytes: int
     _first_pdu_seen: bool
     peer: str
+    active_poll_interval: float
 
     def _init_guard(self, server: GuardedAssociationServer, peer: str) -> None:
         self._guard_server = server
@@ -133,46 +141,66 @@ class GuardedAssociationSocket(AssociationSocket):
             return bytearray()  # read as "connection closed": pynetdicom ends the association
         if pdu_type != P_DATA_TF:
             return header
-        body = super().recv(length)
-        if len(body) == length:
-            body = self._cap_data_set(body)
-        self._next_body = body
-        return bytearray(PDU_HEADER.pack(pdu_type, 0, len(body))) if len(body) != length else header
+        p_data = self._read_p_data(length)
+        if p_data is None:  # refused, or the stream ended inside the PDU
+            return bytearray()  # read as "connection closed"
+        self._next_body = p_data
+        return bytearray(PDU_HEADER.pack(P_DATA_TF, 0, len(p_data)))
 
-    def _cap_data_set(self, body: bytearray) -> bytearray:
-        """Drop data-set bytes past the per-instance limit; keep every fragment's control byte."""
+    def _read_p_data(self, length: int) -> bytearray | None:
+        """Read a P-DATA-TF body item by item, keeping at most the per-instance cap of data set.
+
+        Data-set bytes past the cap are read and dropped; every fragment keeps its control byte,
+        so the DIMSE message still completes and the handler sees an over-limit data set.
+        """
         cap = self._limits.max_instance_bytes + 1
-        items: list[tuple[int, int, memoryview]] = []
-        changed = False
-        view = memoryview(body)
-        offset = 0
-        while offset < len(body):
-            if offset + 6 > len(body):
-                return body  # malformed: pynetdicom refuses it and aborts
-            item_length = int.from_bytes(view[offset : offset + 4], "big")
-            end = offset + 4 + item_length
-            if item_length < 2 or end > len(body):
-                return body
-            context_id, control = body[offset + 4], body[offset + 5]
-            value = view[offset + 6 : end]
-            if not control & 0x01:  # data-set fragment (bit 0 clear), PS3.8 E.2
-                keep = max(0, min(len(value), cap - self._dataset_bytes))
-                if keep < len(value):
-                    value = value[:keep]
-                    changed = True
+        body = bytearray()
+        remaining = length
+        while remaining:
+            if remaining < 6:
+                self._refuse("malformed P-DATA-TF: trailing bytes after the last item")
+                return None
+            item_header = self._recv_exactly(6)
+            if item_header is None:
+                return None
+            remaining -= 6
+            item_length = int.from_bytes(item_header[:4], "big")
+            context_id, control = item_header[4], item_header[5]
+            value_length = item_length - 2
+            if item_length < 2 or value_length > remaining:
+                self._refuse(f"malformed P-DATA-TF: item length {item_length}")
+                return None
+            remaining -= value_length
+            if control & 0x01:  # command fragment (PS3.8 E.2): small in any real message
+                if value_length > CONTROL_PDU_LIMIT:
+                    self._refuse(f"command fragment of {value_length} bytes")
+                    return None
+                keep = value_length
+            else:
+                keep = max(0, min(value_length, cap - self._dataset_bytes))
+            value = self._recv_exactly(keep)
+            if value is None or not self._drain(value_length - keep):
+                return None
+            if not control & 0x01:
                 self._dataset_bytes += keep
                 if control & 0x02:  # last fragment: the next message starts from zero
                     self._dataset_bytes = 0
-            items.append((context_id, control, value))
-            offset = end
-        if not changed:
-            return body
-        rebuilt = bytearray()
-        for context_id, control, value in items:
-            rebuilt += (len(value) + 2).to_bytes(4, "big")
-            rebuilt += bytes((context_id, control))
-            rebuilt += value
-        return rebuilt
+            body += (keep + 2).to_bytes(4, "big")
+            body += bytes((context_id, control))
+            body += value
+        return body
+
+    def _recv_exactly(self, count: int) -> bytearray | None:
+        data = super().recv(count) if count else bytearray()
+        return data if len(data) == count else None
+
+    def _drain(self, count: int) -> bool:
+        while count:
+            chunk = super().recv(min(count, 65536))
+            if not chunk:
+                return False
+            count -= len(chunk)
+        return True
 
     def close(self) -> None:
         super().close()
@@ -220,12 +248,46 @@ class GuardedRequestHandler(RequestHandler):
         guarded._init_guard(self.server, f"{address[0]}:{address[1]}")
         # Not an association until its first PDU arrives (see connection_started).
         assoc.name = assoc.name.replace(_ACTIVE_PREFIX, _PENDING_PREFIX, 1)
+        # pynetdicom's reader polls its socket every millisecond: a few dozen silent connections
+        # would take the GIL from everything else. A silent one is polled less often.
+        guarded.active_poll_interval = assoc.dul._run_loop_delay
+        assoc.dul._run_loop_delay = PENDING_POLL_INTERVAL
         self.server.connection_pending(guarded, self.request)
         return assoc
 
 
+class GuardedApplicationEntity(ApplicationEntity):
+    """An AE whose association limit counts associations, not connections still silent."""
+
+    @property
+    def active_associations(self) -> list[Association]:
+        # pynetdicom compares this with maximum_associations when a request arrives; connections
+        # that have not sent a PDU are bounded by the pending cap instead.
+        return [
+            assoc
+            for assoc in super().active_associations
+            if not assoc.name.startswith(_PENDING_PREFIX)
+        ]
+
+
+class SharedContexts(list[PresentationContext]):
+    """The server's supported contexts, shared by every association instead of deep-copied.
+
+    pynetdicom deep-copies them for each connection: with every storage SOP class and transfer
+    syntax that is about 70 ms of CPU under the GIL per TCP connect, before a single byte is read,
+    which lets a port scanner starve the server. Negotiation only reads them
+    (presentation.negotiate_as_acceptor), so one copy is safe to share.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        return list(self)
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with socket timeouts, a pending-connection cap, lazy TLS."""
+
+    #: Listen backlog: pynetdicom's 5 drops SYNs under a burst (clients then wait a second).
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -245,6 +307,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         # socket -> (raw socket, peer) for connections that have not sent a PDU yet, oldest first
         self._pending: OrderedDict[GuardedAssociationSocket, socket.socket] = OrderedDict()
         self.evicted_connections = 0
+        self._eviction_logged_at = -EVICTION_LOG_INTERVAL
         self.violations = 0
         super().__init__(
             ae,
@@ -255,6 +318,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             evt_handlers=evt_handlers,
             request_handler=GuardedRequestHandler,
         )
+        self.contexts = SharedContexts(self.contexts)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -286,11 +350,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             # Its reader sees end-of-stream and ends the connection in its own thread (calling
             # abort() from here could crash that thread, see FIELD-NOTES).
             _shutdown(oldest_raw)
-        if evicted:
+        now = time.monotonic()
+        if evicted and now - self._eviction_logged_at >= EVICTION_LOG_INTERVAL:
+            # A flood would otherwise write one line per connection.
+            self._eviction_logged_at = now
             log.warning(
-                "%d connections without an association request: closed the %d oldest",
+                "%d connections without an association request: closed the oldest "
+                "(%d closed so far)",
                 self.limits.max_pending_connections,
-                len(evicted),
+                self.evicted_connections,
             )
 
     def connection_started(self, guarded: GuardedAssociationSocket) -> None:
@@ -299,6 +367,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         assoc = guarded.assoc
         # From now on pynetdicom counts it against maximum_associations.
         assoc.name = assoc.name.replace(_PENDING_PREFIX, _ACTIVE_PREFIX, 1)
+        assoc.dul._run_loop_delay = guarded.active_poll_interval
 
     @property
     def pending_connections(self) -> int:
