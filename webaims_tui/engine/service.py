@@ -16,9 +16,11 @@ from pathlib import Path
 import peewee as pw
 
 from webaims_tui.config import Settings, ensure_folders
+from webaims_tui.engine import anonymize as anonymization
 from webaims_tui.engine import browse, db, qr
 from webaims_tui.engine import nodes as remote_nodes
 from webaims_tui.engine import quarantine as quarantined
+from webaims_tui.engine import rules as anonymization_rules
 from webaims_tui.engine.anonymize import Anonymizer
 from webaims_tui.engine.autoloader import (
     Autoloader,
@@ -124,6 +126,67 @@ class Engine:
                 quarantined=_count_files(paths.quarantine, exclude_suffix=".json"),
                 incoming=_count_files(paths.incoming, exclude_suffix=".part"),
             )
+
+    # --- anonymization (see engine/anonymize.py, rules.py, profile.py, linkage.py) ----------
+
+    def make_anonymizer(self) -> anonymization.RuleAnonymizer:
+        """The active rule set compiled for the autoloader (the default set on a new archive).
+
+        Pass it as ``Autoloader(settings, sink, anonymizer)``; build a new one after
+        :meth:`activate_rule_set`. It records pseudonyms in the linkage database.
+        """
+        self.open()
+        return anonymization.active_anonymizer(self.settings)
+
+    def rule_sets(self) -> list[anonymization_rules.StoredRuleSet]:
+        """Every stored rule set version, by name and version."""
+        self.open()
+        return anonymization_rules.stored_rule_sets()
+
+    def save_rule_set(
+        self, rule_set: anonymization_rules.RuleSet | str, comment: str = ""
+    ) -> anonymization_rules.StoredRuleSet:
+        """Validate and store a rule set (or its TOML text) as the next version of its name.
+
+        Raises :class:`rules.RuleSetInvalid` naming each rule and reason; nothing is stored then.
+        """
+        self.open()
+        if isinstance(rule_set, str):
+            rule_set = anonymization_rules.loads(rule_set)
+        return anonymization_rules.save_rule_set(rule_set, comment)
+
+    def rule_set(
+        self, name: str, version: int | None = None
+    ) -> tuple[anonymization_rules.RuleSet, anonymization_rules.StoredRuleSet]:
+        """A stored rule set (latest version unless ``version``) and its row."""
+        self.open()
+        return anonymization_rules.load_stored_rule_set(name, version)
+
+    def rule_set_text(self, name: str, version: int | None = None) -> str:
+        """A stored rule set as the TOML text it was saved as."""
+        self.open()
+        return anonymization_rules.stored_rule_set_text(name, version)
+
+    def activate_rule_set(
+        self, name: str, version: int | None = None
+    ) -> anonymization_rules.StoredRuleSet:
+        """Make a stored version active (validated again first)."""
+        self.open()
+        return anonymization_rules.activate_rule_set(name, version)
+
+    def dry_run(
+        self, path: Path, rule_set: anonymization_rules.RuleSet | None = None
+    ) -> anonymization.DryRunReport:
+        """Element by element what ``rule_set`` (default: the active one) would do to a file."""
+        self.open()
+        if rule_set is None:
+            default = anonymization.default_rule_set()
+            rule_set, _stored = anonymization_rules.active_rule_set(default)
+        return anonymization.dry_run_file(self.settings, path, rule_set)
+
+    def reidentify(self, pseudonym: str) -> list[anonymization.LinkEntry]:
+        """The originals behind a pseudonym, from the separate linkage database."""
+        return anonymization.reidentify(self.settings, pseudonym)
 
     # --- browser (read-only queries and unit actions; see engine/browse.py) ----------------
 
