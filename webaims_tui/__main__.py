@@ -13,13 +13,23 @@ from pathlib import Path
 from typing import NoReturn
 
 from webaims_tui import __version__
-from webaims_tui.commands import deidentify, importer, nodes, qr, quarantine, rules, serve, stats
+from webaims_tui.commands import (
+    database,
+    deidentify,
+    importer,
+    nodes,
+    qr,
+    quarantine,
+    rules,
+    serve,
+    stats,
+)
 from webaims_tui.config import ConfigError, Overrides, Settings, load_settings
 from webaims_tui.engine.db import DatabaseVersionError
 
 EXIT_USAGE = 2
 
-COMMAND_MODULES = (serve, stats, nodes, qr, importer, quarantine, rules, deidentify)
+COMMAND_MODULES = (serve, stats, database, nodes, qr, importer, quarantine, rules, deidentify)
 
 
 class _Parser(argparse.ArgumentParser):

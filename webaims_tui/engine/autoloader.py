@@ -727,8 +727,8 @@ class Autoloader:
         if prepared:
             self._write_journal([p.name for p in prepared if p.name])
         self._assign_paths(places)
-        for place in places:
-            self._move_into_archive(place)
+        # A place whose path holds another node's different, not yet indexed file waits.
+        places = [place for place in places if self._move_into_archive(place)]
         created: dict[str, bool] = {}
         self._batch_new_records.clear()
         self._batch_touched_records.clear()
@@ -889,9 +889,10 @@ class Autoloader:
         # No owner: a file our own killed run renamed there before its commit; take it over.
         return owner is not None and owner != uid
 
-    def _move_into_archive(self, place: _Place) -> None:
+    def _move_into_archive(self, place: _Place) -> bool:
+        """Move the prepared file to its archive path; False when it must wait (see below)."""
         if not place.item.temp:
-            return  # adopting a file that is already in the archive
+            return True  # adopting a file that is already in the archive
         target = inside(self.paths.archive, PurePosixPath(place.archive_path))
         folder = target.parent
         if folder not in self._made_folders:
@@ -899,12 +900,39 @@ class Autoloader:
             self._made_folders.add(folder)
             if len(self._made_folders) > 10_000:
                 self._made_folders.clear()
+        if place.replaces is None:
+            return self._link_into_archive(place, target)
         try:
             os.replace(place.item.temp, target)
         except FileNotFoundError:
             # The folder was removed under us (a unit deleted in the browser): make it again.
             folder.mkdir(parents=True, exist_ok=True)
             os.replace(place.item.temp, target)
+        return True
+
+    def _link_into_archive(self, place: _Place, target: Path) -> bool:
+        """A new instance never replaces a file: on a shared archive the file there may be
+        another node's, moved in but not yet committed (its row is invisible to us), and
+        os.replace would swap its content under its row."""
+        temp = Path(place.item.temp)
+        try:
+            _link_without_replacing(temp, target)
+        except FileExistsError:
+            try:
+                identical = file_sha256(target) == place.item.content_hash
+            except OSError:
+                identical = False
+            if not identical:
+                # Try again once the other node's row is committed: _decide then applies the
+                # duplicate policy, and nothing here has touched the other node's file.
+                temp.unlink(missing_ok=True)
+                self._retry_after[place.item.name] = time.time() + 1.0
+                self._next_wait = 1.0
+                return False
+            # The same bytes are there already (another node's copy or our killed run's):
+            # index them; a row another node commits first makes ours a duplicate.
+        temp.unlink(missing_ok=True)
+        return True
 
     def _index(self, places: list[_Place]) -> dict[str, bool]:
         """Rows for a batch, inside the caller's transaction; returns {uid: record created}."""
@@ -1362,6 +1390,22 @@ class Autoloader:
             detail=f"{detail} (was archive/{relative})",
             source_ae="",
         )
+
+
+def _link_without_replacing(source: Path, target: Path) -> None:
+    """Give ``source`` the name ``target`` too; FileExistsError if ``target`` exists."""
+    try:
+        os.link(source, target)
+    except FileNotFoundError:
+        target.parent.mkdir(parents=True, exist_ok=True)  # the folder was removed under us
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        # A file system without hard links: check-then-rename is the best there is.
+        if target.exists():
+            raise FileExistsError(str(target)) from None
+        os.replace(source, target)
 
 
 def _default_processes(anonymizer: Anonymizer) -> int:
