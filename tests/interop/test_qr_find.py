@@ -6,12 +6,13 @@ Every C-FIND result is compared with what Orthanc says it holds through its REST
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
 from tests.helpers import EventRecorder
 from tests.interop.conftest import Orthanc, free_port
@@ -321,3 +322,44 @@ def test_query_service_not_offered_is_context_not_accepted(
         friend.find(peer, FindQuery())
     assert caught.value.kind == "context-not-accepted"
     assert "Study Root C-FIND" in caught.value.message
+
+
+@pytest.fixture
+def slow_find_scp() -> Iterator[tuple[int, list[int]]]:
+    """A pynetdicom Study Root C-FIND SCP that never answers in time; records proposed PDUs."""
+    proposed: list[int] = []
+    release = threading.Event()
+
+    def on_find(event: Any) -> Iterator[tuple[int, Any]]:
+        release.wait(10)  # longer than the client's DIMSE timeout
+        yield 0x0000, None
+
+    def on_requested(event: Any) -> None:
+        proposed.append(int(event.assoc.requestor.maximum_length))
+
+    ae = AE(ae_title="SLOW")
+    ae.add_supported_context("1.2.840.10008.1.1")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.2.2.1")
+    server = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_REQUESTED, on_requested)],
+    )
+    yield int(server.server_address[1]), proposed
+    release.set()
+    server.shutdown()
+
+
+def test_query_without_answer_times_out_and_max_pdu_is_proposed(
+    client: QRClient, slow_find_scp: tuple[int, list[int]]
+) -> None:
+    port, proposed = slow_find_scp
+    peer = Peer(name="slow", ae_title="SLOW", host="127.0.0.1", port=port, dimse_timeout=1)
+    with pytest.raises(QRFailure) as caught:
+        client.find(peer, FindQuery())
+    assert caught.value.kind == "timeout"
+    assert "stopped answering the C-FIND" in caught.value.message
+    assert proposed == [65536, 65536]  # the echo association, then the query association
+
+    assert client.echo(Peer(ae_title="SLOW", host="127.0.0.1", port=port, max_pdu_size=32768)).ok
+    assert proposed[-1] == 32768
