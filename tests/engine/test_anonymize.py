@@ -337,6 +337,29 @@ def test_selectors_tag_pattern_group_vr_and_private_creator() -> None:
     assert out[0x00191023].value == "27.5"
 
 
+def test_kept_private_text_is_scanned_even_as_unknown_implicit_vr() -> None:
+    ds = make_dataset()
+    implicit = io.BytesIO()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    dcmwrite(implicit, ds, enforce_file_format=True)
+    implicit.seek(0)
+    engine = anonymizer(
+        profile=ProfileOptions(remove_private=False, retain_longitudinal="off"),
+    )
+    with pytest.raises(AnonymizationRefused) as refused:
+        engine.anonymize(dcmread(implicit))
+    assert refused.value.reason == "residual-phi" and "(0009,1001)" in refused.value.detail
+
+
+def test_replacement_uid_predicts_the_archived_uid() -> None:
+    engine = anonymizer(profile=ProfileOptions())
+    out = engine.anonymize(make_dataset()).dataset
+    assert engine.replacement_uid(ORIGINAL_SOP) == out.SOPInstanceUID
+    assert engine.replacement_uid(ORIGINAL_STUDY, "StudyInstanceUID") == out.StudyInstanceUID
+    kept = anonymizer(profile=ProfileOptions(retain_uids=True))
+    assert kept.replacement_uid(ORIGINAL_SOP) == ORIGINAL_SOP
+
+
 def test_first_matching_rule_wins() -> None:
     out = only(Rule("PatientName", "set", value="FIRST"), Rule("vr:PN", "remove"))(make_dataset())
     assert out.PatientName == "FIRST"

@@ -234,6 +234,19 @@ class RuleAnonymizer:
             refused = refused or exc
         return DryRunReport(rule_set=self.rule_set.name, changes=trace, refused=refused)
 
+    def replacement_uid(self, original: str, keyword: str = "SOPInstanceUID") -> str | None:
+        """The UID this rule set writes for ``original`` in a top-level ``keyword`` element.
+
+        Lets a caller find the archived copy of an instance from its original UID (a C-MOVE
+        "what do we have already" check) without the linkage database: new UIDs are a keyed
+        hash. None when the rule set removes, empties or sets that element.
+        """
+        index = self._decide(keyword_dict[keyword], "UI", None)
+        action = "keep" if index == _DEFAULT else self._rules[index].rule.action
+        if action in ("uid", "dummy"):
+            return self.keys.uid(original)
+        return original if action == "keep" else None
+
     # --- the pass ----------------------------------------------------------------------------
 
     def _run(

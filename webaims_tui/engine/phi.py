@@ -100,6 +100,9 @@ _PLACEHOLDERS = frozenset({"anonymized", "anonymous", "anon", "unknown", "none",
 
 MIN_LENGTH = 3
 
+#: Unknown (UN) values up to this size are scanned as Latin-1 text; larger ones are binary.
+_MAX_UN_SCAN = 4096
+
 
 @dataclass(frozen=True)
 class ResidualHit:
@@ -216,6 +219,13 @@ def find_residual(dataset: Dataset, watchlist: Watchlist, path: str = "") -> Res
                 hit = find_residual(item, watchlist, f"{path}{element.keyword or tag}[{index}] > ")
                 if hit:
                     return hit
+            continue
+        if vr == "UN" and isinstance(raw, RawDataElement) and raw.value is not None:
+            # An unknown element (a kept private in an implicit VR file) may still be text.
+            if raw.length <= _MAX_UN_SCAN:
+                source = watchlist.search(raw.value.decode("latin-1"))
+                if source:
+                    return ResidualHit(path=f"{path}{_name(raw)}", source=source)
             continue
         if vr not in TEXT_VRS or tag in NOT_SCANNED_TAGS:
             continue
