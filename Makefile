@@ -19,8 +19,8 @@ run: install
 	$(BIN)/webaims-tui
 
 lint: install-test
-	$(BIN)/ruff check webaims_tui tests bench
-	$(BIN)/ruff format --check webaims_tui tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 test: install-test lint
