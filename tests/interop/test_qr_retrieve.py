@@ -7,10 +7,13 @@ events and on the ReceivedInstanceLog (the autoloader may already have moved the
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pynetdicom import AE, evt
 
 from tests.helpers import EventRecorder
 from tests.interop.conftest import Orthanc
@@ -22,7 +25,7 @@ from webaims_tui.engine.events import (
     RetrieveProgress,
     RetrieveStarted,
 )
-from webaims_tui.engine.qr import LocalAE, QRClient, RetrieveTarget
+from webaims_tui.engine.qr import LocalAE, Peer, QRClient, RetrieveTarget
 from webaims_tui.engine.service import Engine
 
 pytestmark = pytest.mark.interop
@@ -232,3 +235,61 @@ def test_cancel_a_large_move(
     # Everything Orthanc reported as sent did arrive, nothing more.
     _wait_logged(events)
     assert len(_received_uids(events)) == summary.completed
+
+
+def test_get_lists_the_sub_operations_we_refused(
+    engine: Engine, orthanc: Orthanc, events: EventRecorder, tmp_path: Path
+) -> None:
+    """A disk below the configured minimum: every storage sub-operation answers 0xA700."""
+    study = orthanc.studies[0]
+    client = QRClient(
+        LocalAE("WEBAIMS", 0),
+        incoming=tmp_path,
+        spool=tmp_path,
+        min_free_disk_mb=2**40,
+        sink=events,
+    )
+    summary = client.retrieve(
+        orthanc.peer(), [RetrieveTarget(study_instance_uid=study.uid)], method="c-get"
+    )
+    assert not summary.ok
+    assert summary.failed == 5 and summary.completed == 0
+    assert sorted(summary.failed_sop_instance_uids) == sorted(study.instances)
+    assert "5 storage sub-operations refused by us" in summary.message
+    assert events.of(RetrieveFinished)[-1].failed_sop_instance_uids == (
+        summary.failed_sop_instance_uids
+    )
+
+
+@pytest.fixture
+def move_scp_without_destinations() -> Iterator[int]:
+    """A pynetdicom C-MOVE SCP that knows no destination (it answers 0xA801)."""
+
+    def on_move(event: Any) -> Iterator[Any]:
+        yield None, None  # pynetdicom: unknown destination -> 0xA801
+
+    ae = AE(ae_title="MOVESCP")
+    ae.add_supported_context("1.2.840.10008.1.1")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.2.2.2")
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_MOVE, on_move)]
+    )
+    yield int(server.server_address[1])
+    server.shutdown()
+
+
+def test_move_destination_unknown_a801_says_what_to_configure(
+    engine: Engine, move_scp_without_destinations: int
+) -> None:
+    peer = Peer(
+        name="pacs", ae_title="MOVESCP", host="127.0.0.1", port=move_scp_without_destinations
+    )
+    summary = engine.retrieve(peer, [RetrieveTarget(study_instance_uid="1.2.3.4")])
+    assert summary.status == 0xA801 and not summary.ok
+    assert engine.server is not None
+    assert summary.message == (
+        "pacs does not know the move destination 'WEBAIMS'. Configure on the PACS a DICOM node "
+        f"with AE title 'WEBAIMS', host 127.0.0.1, port {engine.server.port}, and make sure "
+        "webaims-tui is receiving; or switch this node to C-GET (nodes edit NAME "
+        "--retrieve-method c-get)."
+    )

@@ -1217,6 +1217,10 @@ class _RetrieveRun:
         self._add_final(last)
         return False
 
+    def _refused(self) -> list[str]:
+        with self._lock:
+            return [i["sop_instance_uid"] for i in self.stored_log if i["status"] != STATUS_SUCCESS]
+
     def _progress(self, response: Dataset) -> None:
         remaining = _number(response, "NumberOfRemainingSuboperations")
         self.client.sink(
@@ -1251,7 +1255,8 @@ class _RetrieveRun:
             warning=self.warning,
             remaining=self.remaining,
             cancelled=self.cancelled,
-            failed_sop_instance_uids=tuple(dict.fromkeys(self.failed_uids)),
+            # The PACS's Failed SOP Instance UID List, plus (C-GET) the instances we refused.
+            failed_sop_instance_uids=tuple(dict.fromkeys([*self.failed_uids, *self._refused()])),
             received=tuple(self.received),
             elapsed=elapsed,
         )
@@ -1280,8 +1285,9 @@ class _RetrieveRun:
             # Orthanc (and others) answer an unknown destination with a generic failure.
             return (
                 f"{self.peer.label} refused the C-MOVE with {where} and sent nothing. The usual "
-                f"cause is that it does not know the destination {self.destination!r}, or cannot "
-                f"connect to it. {self._configure_hint()}"
+                f"cause is that it does not know the destination {self.destination!r} or cannot "
+                "connect to it; it may also have given up because the destination refused the "
+                f"first instance (see the receive log). {self._configure_hint()}"
             )
         if self.method == "c-get" and self.store_failures:
             return (
