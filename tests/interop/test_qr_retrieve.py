@@ -15,11 +15,13 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, evt
 
+from tests.conftest import SettingsFactory
 from tests.helpers import EventRecorder
 from tests.interop.conftest import Orthanc
 from webaims_tui.engine import db
 from webaims_tui.engine.events import (
     AssociationEnded,
+    InstanceArchived,
     InstanceReceived,
     RetrieveFinished,
     RetrieveProgress,
@@ -167,12 +169,23 @@ def test_fetch_missing_retrieves_only_what_the_archive_lacks(
     assert first.after is not None and first.after.complete and first.ok
     _wait_logged(events)
 
-    # Lose two instances of the first series locally (log rows and received files).
+    # The autoloader (pass-through) archives them under their own UIDs.
+    events.wait_for(InstanceArchived, count=5)
+    # With the received log gone, the archive alone still counts as holding the study.
+    with db.database.connection_context():
+        db.ReceivedInstanceLog.delete().execute()
+    assert engine.verify(orthanc.peer(), study.uid).complete
+
+    # Lose two instances of the first series locally: archive rows and files together.
     lost = set(study.series[0].instances[:2])
     with db.database.connection_context():
-        db.ReceivedInstanceLog.delete().where(
-            db.ReceivedInstanceLog.sop_instance_uid.in_(list(lost))
-        ).execute()
+        ids = [
+            row.id
+            for row in db.Instance.select().where(db.Instance.sop_instance_uid.in_(list(lost)))
+        ]
+    assert len(ids) == 2
+    for instance_id in ids:
+        engine.delete_unit("instance", instance_id)
     verify = engine.verify(orthanc.peer(), study.uid)
     assert (verify.remote, verify.held) == (5, 3)
     assert {row.sop_instance_uid for row in verify.missing} == lost
@@ -293,3 +306,27 @@ def test_move_destination_unknown_a801_says_what_to_configure(
         "webaims-tui is receiving; or switch this node to C-GET (nodes edit NAME "
         "--retrieve-method c-get)."
     )
+
+
+def test_verify_finds_anonymized_copies_in_the_archive(
+    make_settings: SettingsFactory, orthanc: Orthanc, events: EventRecorder
+) -> None:
+    """With the rule anonymizer the archive holds new UIDs; verify maps originals onto them."""
+    engine = Engine(make_settings(), sink=events)
+    engine.open()
+    engine.anonymizer = engine.make_anonymizer()
+    engine.start()
+    try:
+        assert engine.server is not None
+        orthanc.knows("WEBAIMS", engine.server.port)
+        study = orthanc.studies[1]
+        assert engine.retrieve(orthanc.peer(), [RetrieveTarget(study_instance_uid=study.uid)]).ok
+        archived = events.wait_for(InstanceArchived, count=4)
+        assert not {e.sop_instance_uid for e in archived} & set(study.instances)
+        with db.database.connection_context():
+            db.ReceivedInstanceLog.delete().execute()
+        report = engine.verify(orthanc.peer(), study.uid)
+        assert (report.remote, report.held) == (4, 4), report.message
+    finally:
+        orthanc.forget()
+        engine.stop()

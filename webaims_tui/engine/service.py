@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import peewee as pw
 
@@ -334,13 +335,15 @@ class Engine:
     ) -> set[str]:
         """Which of these *original* SOP Instance UIDs the archive already holds.
 
-        The archive stores anonymized UIDs; the originals live in the anonymizer's linkage
-        database. Until that lookup is wired in, this answers from what the SCP (and C-GET)
-        logged as successfully received, which holds the original UIDs whatever the
-        anonymization does. Replace the body, not the signature, when the linkage is ready.
+        Two honest sources, either is enough: the archive itself (each original UID mapped to
+        the UID the autoloader's anonymizer writes, ``replacement_uid``, or kept as is by the
+        pass-through), and what the SCP and C-GET logged as received (original UIDs, which
+        covers files still waiting in incoming/ or quarantined). ``study_instance_uid`` is
+        for a future linkage-database lookup scoped to the study.
         """
+        wanted = list(dict.fromkeys(candidates))
         found: set[str] = set()
-        wanted = list(candidates)
+        to_archive_uid = self._archive_uid_mapper()
         with db.database.connection_context():
             for start in range(0, len(wanted), 500):
                 batch = wanted[start : start + 500]
@@ -349,7 +352,21 @@ class Engine:
                     log_rows.sop_instance_uid.in_(batch), log_rows.status == 0
                 )
                 found.update(row.sop_instance_uid for row in query)
+                mapped = {to_archive_uid(uid): uid for uid in batch if uid not in found}
+                mapped.pop(None, None)
+                if mapped:
+                    archived = db.Instance.select(db.Instance.sop_instance_uid).where(
+                        db.Instance.sop_instance_uid.in_(list(mapped))
+                    )
+                    found.update(mapped[row.sop_instance_uid] for row in archived)
         return found
+
+    def _archive_uid_mapper(self) -> Callable[[str], str | None]:
+        """Original SOP Instance UID -> the UID the archive stores it under (None: unknown)."""
+        replacement = getattr(self.anonymizer, "replacement_uid", None)
+        if callable(replacement):
+            return lambda original: cast("str | None", replacement(original))
+        return lambda original: original  # pass-through keeps the UIDs
 
     def verify(
         self, node: str | qr.Peer, study_instance_uid: str, series_instance_uid: str = ""
