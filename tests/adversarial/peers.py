@@ -169,3 +169,38 @@ def make_instance(pixel_bytes: int, sop_instance_uid: str | None = None) -> Data
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
+
+
+ASSOCIATE_RQ_FIXED = 68  # protocol version, reserved, called AE, calling AE, reserved (PS3.8 9.3.2)
+
+
+def split_association_request(pdu: bytes) -> tuple[bytes, list[bytes]]:
+    """(fixed fields, [variable items as encoded]) of an encoded A-ASSOCIATE-RQ."""
+    body = pdu[6:]
+    fixed, rest = body[:ASSOCIATE_RQ_FIXED], body[ASSOCIATE_RQ_FIXED:]
+    items = []
+    while rest:
+        length = struct.unpack(">H", rest[2:4])[0]
+        items.append(rest[: 4 + length])
+        rest = rest[4 + length :]
+    return fixed, items
+
+
+def join_association_request(fixed: bytes, items: list[bytes]) -> bytes:
+    body = fixed + b"".join(items)
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def item(item_type: int, value: bytes, declared: int | None = None) -> bytes:
+    """A variable item (type, reserved, 2-byte length); ``declared`` lies about the length."""
+    length = len(value) if declared is None else declared
+    return struct.pack(">BBH", item_type, 0, length & 0xFFFF) + value
+
+
+def server_reply(sock: socket.socket) -> str:
+    """What the server did: "accepted", "rejected", "aborted", "closed" or "other 0xNN"."""
+    reply = read_pdu(sock)
+    if reply is None:
+        return "closed"
+    names = {PDU_ASSOCIATE_AC: "accepted", PDU_ASSOCIATE_RJ: "rejected", PDU_ABORT: "aborted"}
+    return names.get(reply[0], f"other 0x{reply[0]:02X}")

@@ -52,6 +52,7 @@ from webaims_tui.engine.transport import (
     GuardedApplicationEntity,
     GuardedAssociationServer,
     TransportLimits,
+    association_request_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ class StorageServer:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
@@ -271,6 +273,31 @@ class StorageServer:
                 accepted_contexts=state.accepted_contexts,
                 rejected_contexts=rejected,
             )
+        )
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Reject a decoded request pynetdicom would accept but no modality sends."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        problem = association_request_problem(request) if request is not None else None
+        if problem is None:
+            return
+        calling, address = assoc.requestor.ae_title, assoc.requestor.address
+        log.warning("rejected association from %s (%s): %s", calling, address, problem)
+        # rejected-permanent, service user, no reason given (application context not supported
+        # when that is the problem): what pynetdicom's own negotiation sends, then stops.
+        diagnostic = 0x02 if problem.startswith("application context") else 0x01
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        self._sink(
+            AssociationRejected(
+                calling_ae=calling,
+                called_ae=assoc.acceptor.ae_title,
+                peer_address=address,
+                reason=problem,
+            )
+        )
+        self._record_rejection(
+            calling, assoc.acceptor.ae_title, address, assoc.requestor.port, problem
         )
 
     def _on_rejected(self, event: evt.Event) -> None:

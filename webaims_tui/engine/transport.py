@@ -36,6 +36,7 @@ from typing import Any, cast
 
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -254,6 +255,38 @@ class GuardedRequestHandler(RequestHandler):
         assoc.dul._run_loop_delay = PENDING_POLL_INTERVAL
         self.server.connection_pending(guarded, self.request)
         return assoc
+
+
+#: The DICOM application context name (PS3.7 A.2.1), the only one there is.
+DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+#: Bounds on a decoded A-ASSOCIATE-RQ. 128 presentation contexts is the standard's own limit
+#: (odd IDs 1..255); the others are far above what any real modality proposes.
+MAX_TRANSFER_SYNTAXES_PER_CONTEXT = 128
+MAX_USER_INFORMATION_ITEMS = 64
+
+
+def association_request_problem(request: A_ASSOCIATE) -> str | None:
+    """Why a decoded A-ASSOCIATE-RQ must be rejected, or None.
+
+    pynetdicom accepts requests without an application context or without any presentation
+    context, and keeps decoding thousands of sub-items; such a request is not from a modality.
+    """
+    if str(request.application_context_name or "") != DICOM_APPLICATION_CONTEXT:
+        return "application context name not supported"
+    contexts = request.presentation_context_definition_list
+    if not contexts:
+        return "no presentation context proposed"
+    if len(contexts) > 128:
+        return f"{len(contexts)} presentation contexts proposed (at most 128)"
+    ids = [cx.context_id for cx in contexts]
+    if len(set(ids)) != len(ids) or any(cid is None or cid % 2 == 0 for cid in ids):
+        return "presentation context IDs are not unique odd numbers"
+    if any(len(cx.transfer_syntax) > MAX_TRANSFER_SYNTAXES_PER_CONTEXT for cx in contexts):
+        return "a presentation context proposes too many transfer syntaxes"
+    if len(request.user_information) > MAX_USER_INFORMATION_ITEMS:
+        return f"{len(request.user_information)} user information items"
+    return None
 
 
 class GuardedApplicationEntity(ApplicationEntity):
