@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,24 +29,36 @@ from textual.worker import Worker, WorkerState
 from webaims_tui import locations
 from webaims_tui.config import Settings
 from webaims_tui.engine.events import (
+    EchoFinished,
     EngineError,
     EngineEvent,
+    RetrieveFinished,
+    RetrieveProgress,
+    RetrieveStarted,
     ServerFailed,
     ServerStarted,
     ServerStopped,
 )
 from webaims_tui.engine.service import Engine
-from webaims_tui.messages import EngineEventPosted, EngineReady
+from webaims_tui.messages import EngineEventPosted, EngineEventsWaiting, EngineReady
 from webaims_tui.screens.browser import BrowserScreen
 from webaims_tui.screens.dialogs import ConfirmScreen, HelpScreen
+from webaims_tui.screens.nodes import NodesScreen
+from webaims_tui.screens.query import QueryScreen
 from webaims_tui.screens.receive_log import ReceiveLogScreen
+from webaims_tui.screens.rules import RulesScreen
+from webaims_tui.screens.settings import SettingsScreen
 from webaims_tui.widgets.activity import ActivityModel
 from webaims_tui.widgets.status_header import ServerStatus, StatusHeader
 
 #: Redraws per second of the log and header: often enough to feel live, rare enough to be cheap.
 TICK_HZ = 8
+#: Events absorbed between yields to the event loop while draining a burst.
+DRAIN_SLICE = 200
 #: Seconds between free-disk checks (a statvfs call, in a thread).
 DISK_CHECK_SECONDS = 5.0
+#: Engine events forwarded to screens with an ``engine_event(event)`` method.
+QR_EVENTS = (RetrieveStarted, RetrieveProgress, RetrieveFinished, EchoFinished)
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,22 @@ MODES_TABLE: tuple[ModeEntry, ...] = (
     ),
     ModeEntry(
         "browser", "2,b", "Browse", "Browse patients, studies, series and instances", BrowserScreen
+    ),
+    ModeEntry(
+        "query",
+        "3",
+        "Query",
+        "Query a remote PACS and retrieve studies into the archive",
+        QueryScreen,
+    ),
+    ModeEntry("rules", "4", "Rules", "Edit, preview and activate anonymization rules", RulesScreen),
+    ModeEntry("nodes", "5", "Nodes", "Remote nodes (PACS): add, edit, remove, echo", NodesScreen),
+    ModeEntry(
+        "settings",
+        "6",
+        "Settings",
+        "Effective settings, their sources, live changes",
+        SettingsScreen,
     ),
 )
 
@@ -114,12 +143,22 @@ class WebaimsApp(App[None]):
         self.free_disk_bytes: int | None = None
         self._quarantine_at_start = 0
         self._stopped = False
+        self._inbox: deque[EngineEvent] = deque()
+        self._wakeup_posted = False
 
     # --- engine -------------------------------------------------------------------------------
 
     def engine_sink(self, event: EngineEvent) -> None:
-        # Called from pynetdicom and autoloader threads: post_message is the thread-safe path.
-        self.post_message(EngineEventPosted(event))
+        """Called from pynetdicom and autoloader threads; never blocks.
+
+        deque.append is atomic, and post_message is the thread-safe path into the app. Only
+        the first event of a burst posts a message: the handler then drains everything that
+        arrived meanwhile, so 3,000 events cost a handful of messages, not 3,000.
+        """
+        self._inbox.append(event)
+        if not self._wakeup_posted:
+            self._wakeup_posted = True
+            self.post_message(EngineEventsWaiting())
 
     def on_mount(self) -> None:
         self.switch_mode("log")
@@ -147,9 +186,25 @@ class WebaimsApp(App[None]):
             if callable(refresh):
                 refresh()
 
+    @on(EngineEventsWaiting)
+    async def drain_engine_events(self) -> None:
+        # Cleared before draining: an event appended meanwhile posts a new wake-up (at worst a
+        # spare one), never none.
+        self._wakeup_posted = False
+        inbox = self._inbox
+        handled = 0
+        while inbox:
+            self.absorb_engine_event(inbox.popleft())
+            handled += 1
+            if handled % DRAIN_SLICE == 0:
+                await asyncio.sleep(0)  # let input and timers run inside a long burst
+
     @on(EngineEventPosted)
-    def absorb_engine_event(self, message: EngineEventPosted) -> None:
-        event = message.event
+    def absorb_posted_event(self, message: EngineEventPosted) -> None:
+        self.absorb_engine_event(message.event)
+
+    def absorb_engine_event(self, event: EngineEvent) -> None:
+        """One engine event into the models (O(1)); the timer redraws."""
         self.activity.add(event)
         if isinstance(event, ServerStarted):
             self.listening = True
@@ -163,6 +218,12 @@ class WebaimsApp(App[None]):
             self.listening = False
         elif isinstance(event, EngineError):
             self.notify(event.message, title=event.where, severity="error")
+        if isinstance(event, QR_EVENTS):
+            # Retrieve progress and echo results belong to the screens that started them.
+            for screen in self._mode_screens():
+                forward = getattr(screen, "engine_event", None)
+                if callable(forward):
+                    forward(event)
 
     def check_disk(self) -> None:
         self.run_worker(

@@ -15,6 +15,10 @@ class EngineEventPosted(Message):
         self.event = event
 
 
+class EngineEventsWaiting(Message):
+    """Engine events are waiting in the app's inbox; one of these stands for a whole burst."""
+
+
 class EngineReady(Message):
     """The engine opened its database (and started its server): screens may query it now."""
 

@@ -15,16 +15,16 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
 from webaims_tui.engine import browse
 from webaims_tui.engine.browse import BrowseQuery, Level, Page, UnitSummary
+from webaims_tui.screens.base import WebaimsScreen
 from webaims_tui.screens.dialogs import ConfirmScreen, ExportChoice, ExportScreen
 from webaims_tui.widgets.status_header import StatusHeader
 
 if TYPE_CHECKING:
-    from webaims_tui.app import WebaimsApp
+    pass
 
 LEVEL_TITLES: dict[Level, str] = {
     "patient": "Patients",
@@ -49,7 +49,8 @@ def parse_search(text: str) -> dict[str, str]:
     """``date:FROM-TO mod:CT desc:word other words`` -> BrowseQuery filter fields.
 
     Free words search patient ID and name. Dates are YYYYMMDD (dashes inside a date such as
-    2024-01-31 are accepted); either end of a range may be empty.
+    2024-01-31 are accepted), or a prefix meaning the whole year or month; either end of a range
+    may be empty.
     """
     fields = {"patient": "", "date_from": "", "date_to": "", "modality": "", "description": ""}
     words: list[str] = []
@@ -61,8 +62,11 @@ def parse_search(text: str) -> dict[str, str]:
             words.append(token)
         elif key == "date":
             first, sep, second = _split_range(value)
-            fields["date_from"] = first
-            fields["date_to"] = second if sep else first
+            if not sep:
+                second = first
+            # A partial date is a period: date:2022 is all of 2022, -202203 up to March's end.
+            fields["date_from"] = first.ljust(8, "0") if first else ""
+            fields["date_to"] = second.ljust(8, "9") if second else ""
         elif key in ("mod", "modality"):
             fields["modality"] = value.upper()
         elif key in ("desc", "description"):
@@ -90,7 +94,7 @@ def _compact_date(value: str) -> str:
     return value.replace("-", "").strip()
 
 
-class BrowserScreen(Screen[None]):
+class BrowserScreen(WebaimsScreen):
     """Mode ``browser``."""
 
     TITLE = "Browse"
@@ -125,13 +129,6 @@ Search ([b]/[/b]): free words match patient ID or name;
         self.page: Page | None = None
         self._restore_row = 0
         self.summary: UnitSummary | None = None
-
-    @property
-    def webaims(self) -> WebaimsApp:
-        from webaims_tui.app import WebaimsApp
-
-        assert isinstance(self.app, WebaimsApp)
-        return self.app
 
     def compose(self) -> ComposeResult:
         yield StatusHeader()

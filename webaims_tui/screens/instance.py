@@ -17,17 +17,15 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Footer, Static, Tree
 from textual.widgets.tree import TreeNode
 
 from webaims_tui.engine.browse import InstanceFile, TagNode
+from webaims_tui.screens.base import WebaimsScreen
 from webaims_tui.widgets.status_header import StatusHeader
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
-
-    from webaims_tui.app import WebaimsApp
 
 
 def _preview_widget_class() -> type[Any]:
@@ -123,7 +121,7 @@ def _tree_nodes(parent: TreeNode[None], nodes: list[TagNode]) -> None:
             parent.add_leaf(node.label)
 
 
-class InstanceScreen(Screen[None]):
+class InstanceScreen(WebaimsScreen):
     """Pushed on the browser for one instance; Escape returns."""
 
     TITLE = "Instance"
@@ -152,13 +150,6 @@ Only the frame shown is decoded."""
         self.file: InstanceFile | None = None
         self.frame: Frame | None = None
         self._defaults: tuple[float, float] | None = None
-
-    @property
-    def webaims(self) -> WebaimsApp:
-        from webaims_tui.app import WebaimsApp
-
-        assert isinstance(self.app, WebaimsApp)
-        return self.app
 
     def compose(self) -> ComposeResult:
         yield StatusHeader()

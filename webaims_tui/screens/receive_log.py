@@ -9,18 +9,18 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.screen import Screen
 from textual.widgets import Footer, Input, Sparkline, Static
 
 from webaims_tui.engine.browse import human_size
+from webaims_tui.screens.base import WebaimsScreen
 from webaims_tui.widgets.activity import ActivityView
 from webaims_tui.widgets.status_header import StatusHeader
 
 if TYPE_CHECKING:
-    from webaims_tui.app import WebaimsApp
+    pass
 
 
-class ReceiveLogScreen(Screen[None]):
+class ReceiveLogScreen(WebaimsScreen):
     """Mode ``log``: one line per association (expandable), one per autoloader outcome."""
 
     TITLE = "Receive log"
@@ -43,13 +43,6 @@ Patient data is hidden unless [b]display.show_patient_data[/b] is set."""
     def __init__(self) -> None:
         super().__init__()
         self.paused = False
-
-    @property
-    def webaims(self) -> WebaimsApp:
-        from webaims_tui.app import WebaimsApp
-
-        assert isinstance(self.app, WebaimsApp)
-        return self.app
 
     def compose(self) -> ComposeResult:
         yield StatusHeader()

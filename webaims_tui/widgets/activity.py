@@ -518,6 +518,17 @@ class ActivityView(ScrollView, can_focus=True):
             return self._lines[self.cursor][0]
         return None
 
+    def line_text(self, index: int) -> str:
+        """The plain text of line ``index`` of the current view (what a test or a copy needs)."""
+        entry, sub = self._lines[index]
+        if sub >= 0 and isinstance(entry, AssociationEntry):
+            cells = instance_cells(entry.received[sub])
+        elif isinstance(entry, AssociationEntry):
+            cells = association_cells(entry)
+        else:
+            cells = outcome_cells(entry)
+        return "".join(piece for piece, _ in cells)
+
     # --- drawing ------------------------------------------------------------------------------
 
     def render_line(self, y: int) -> Strip:
