@@ -352,19 +352,23 @@ def _validate_server(server: ServerSettings, path: Path, sources: Mapping[str, s
 
 
 def _validate_tls(server: ServerSettings, fail: Callable[[str, object, str], ConfigError]) -> None:
+    # Errors name the key that was given (the file line to fix), not the one left out.
     if bool(server.tls_certificate) != bool(server.tls_private_key):
-        key = "tls_private_key" if server.tls_certificate else "tls_certificate"
-        raise fail(key, getattr(server, key), "TLS needs both tls_certificate and tls_private_key")
+        key, missing = (
+            ("tls_certificate", "tls_private_key")
+            if server.tls_certificate
+            else ("tls_private_key", "tls_certificate")
+        )
+        raise fail(key, getattr(server, key), f"TLS needs {missing} as well")
     if server.tls_require_client_certificate and not server.tls_ca_certificates:
         raise fail(
-            "tls_ca_certificates",
-            server.tls_ca_certificates,
-            "required when tls_require_client_certificate is true",
+            "tls_require_client_certificate",
+            True,
+            "needs tls_ca_certificates (the CAs client certificates are checked against)",
         )
-    if (server.tls_ca_certificates or server.tls_require_client_certificate) and not (
-        server.tls_certificate
-    ):
-        raise fail("tls_certificate", "", "the TLS client settings need a server certificate")
+    for key in ("tls_ca_certificates", "tls_require_client_certificate"):
+        if getattr(server, key) and not server.tls_certificate:
+            raise fail(key, getattr(server, key), "needs tls_certificate and tls_private_key")
     for key in ("tls_certificate", "tls_private_key", "tls_ca_certificates"):
         value = getattr(server, key)
         if value and not Path(value).expanduser().is_file():
