@@ -59,6 +59,7 @@ from webaims_tui.engine.scp import (
     storage_sop_classes,
     write_to_incoming,
 )
+from webaims_tui.engine.tls import TLSSetupError, client_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -666,13 +667,17 @@ class QRClient:
         return ae
 
     def _tls_args(self, peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+        """TLS 1.2+ verifying the node's certificate against its CA file (or the system store).
+
+        No host name check: DICOM nodes are configured by IP and their certificates rarely
+        name it (see engine/tls.py).
+        """
         if not peer.tls:
             return None
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=peer.tls_ca_file or None
+        context = client_ssl_context(
+            peer.tls_ca_file or None, peer.tls_cert_file or None, peer.tls_key_file or None
         )
-        if peer.tls_cert_file:
-            context.load_cert_chain(peer.tls_cert_file, peer.tls_key_file or None)
+        # The name only serves SNI here: check_hostname is off.
         return context, peer.host
 
     @contextmanager
@@ -721,7 +726,7 @@ class QRClient:
 
         try:
             tls_args = self._tls_args(peer)
-        except (OSError, ssl.SSLError) as exc:
+        except TLSSetupError as exc:
             raise QRFailure("tls", f"cannot set up TLS for {peer.label}: {exc}") from None
         all_handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, on_open),
@@ -739,7 +744,8 @@ class QRClient:
             tls_args=tls_args,
         )
         if not assoc.is_established:
-            raise self._explain_association_failure(peer, diagnostics, required)
+            tls = tls_args[0] if tls_args else None
+            raise self._explain_association_failure(peer, diagnostics, required, tls)
         try:
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
             for uid in required:
@@ -751,7 +757,11 @@ class QRClient:
                 assoc.release()
 
     def _explain_association_failure(
-        self, peer: Peer, diagnostics: _AssociationDiagnostics, required: Sequence[str]
+        self,
+        peer: Peer,
+        diagnostics: _AssociationDiagnostics,
+        required: Sequence[str],
+        tls: ssl.SSLContext | None,
     ) -> QRFailure:
         elapsed = time.monotonic() - diagnostics.started
         if diagnostics.accepted:
@@ -783,7 +793,7 @@ class QRClient:
                 "the port may not be a DICOM port, a TLS setting may be wrong, or the PACS "
                 "refuses our address",
             )
-        return _diagnose_connect(peer)
+        return _diagnose_connect(peer, tls)
 
     def _context_not_accepted(self, peer: Peer, uid: str) -> QRFailure:
         return QRFailure(
@@ -1346,12 +1356,29 @@ def _service_name(uid: str) -> str:
     return names.get(uid, str(UID(uid).name))
 
 
-def _diagnose_connect(peer: Peer) -> QRFailure:
-    """pynetdicom reports only 'could not connect': repeat the TCP connect to learn why."""
+def _diagnose_connect(peer: Peer, tls: ssl.SSLContext | None) -> QRFailure:
+    """pynetdicom reports only 'could not connect': repeat the connect (and handshake) to learn
+    why."""
     timeout = min(peer.acse_timeout, 10.0)
     try:
-        with socket.create_connection((peer.host, peer.port), timeout=timeout):
-            pass
+        with socket.create_connection((peer.host, peer.port), timeout=timeout) as raw:
+            if tls is not None:
+                with tls.wrap_socket(raw, server_hostname=peer.host):
+                    pass
+    except ssl.SSLCertVerificationError as exc:
+        return QRFailure(
+            "tls",
+            f"the TLS certificate of {peer.host}:{peer.port} is not trusted "
+            f"({exc.verify_message}): set the node's CA file (tls_ca_file) to the CA that "
+            "issued the PACS certificate",
+        )
+    except ssl.SSLError as exc:
+        return QRFailure(
+            "tls",
+            f"the TLS handshake with {peer.host}:{peer.port} failed ({exc.reason or exc}): does "
+            "the port speak TLS, and does the PACS require a client certificate (tls_cert_file, "
+            "tls_key_file) it trusts?",
+        )
     except ConnectionRefusedError:
         return QRFailure(
             "refused",
