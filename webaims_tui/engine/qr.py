@@ -59,6 +59,7 @@ from webaims_tui.engine.scp import (
     storage_sop_classes,
     write_to_incoming,
 )
+from webaims_tui.engine.store_checks import store_problem
 from webaims_tui.engine.tls import TLSSetupError, client_ssl_context
 
 log = logging.getLogger(__name__)
@@ -633,8 +634,9 @@ def _ignore(event: Any) -> None:
 class QRClient:
     """Opens associations to remote nodes as our AE and runs echo/find/move/get on them.
 
-    ``incoming``/``spool``/``min_free_disk_mb`` are where C-GET storage sub-operations are
-    written, exactly as the Storage SCP writes (spool, then an atomic rename).
+    C-GET storage sub-operations pass the SCP's content checks (``max_instance_mb``) and are
+    written to ``incoming`` through ``spool`` exactly as the Storage SCP writes them, refused
+    below ``min_free_disk_mb`` of free space.
     """
 
     def __init__(
@@ -644,12 +646,14 @@ class QRClient:
         incoming: Path,
         spool: Path,
         min_free_disk_mb: int = 0,
+        max_instance_mb: int = 4096,
         sink: EventSink = _ignore,
     ) -> None:
         self.local = local
         self.incoming = incoming
         self.spool = spool
         self.min_free_disk_mb = min_free_disk_mb
+        self.max_instance_mb = max_instance_mb
         self.sink = sink
 
     # --- associations -------------------------------------------------------------------------
@@ -1103,16 +1107,27 @@ class _RetrieveRun:
         sop_instance = str(request.AffectedSOPInstanceUID or "")
         syntax = str(event.context.transfer_syntax)
         try:
-            status, size, name, reason = write_to_incoming(
-                request.DataSet,
+            # The same content checks as the SCP: UIDs match the request, size under the limit.
+            problem = store_problem(
+                request.DataSet.getbuffer() if request.DataSet is not None else None,
                 sop_class=sop_class,
                 sop_instance=sop_instance,
                 transfer_syntax=syntax,
-                source_ae=self.peer.ae_title,
-                spool=self.client.spool,
-                incoming=self.client.incoming,
-                min_free_disk_mb=self.client.min_free_disk_mb,
+                max_instance_bytes=self.client.max_instance_mb * 1024 * 1024,
             )
+            if problem is not None:  # nothing is written
+                (status, reason), size, name = problem, 0, ""
+            else:
+                status, size, name, reason = write_to_incoming(
+                    request.DataSet,
+                    sop_class=sop_class,
+                    sop_instance=sop_instance,
+                    transfer_syntax=syntax,
+                    source_ae=self.peer.ae_title,
+                    spool=self.client.spool,
+                    incoming=self.client.incoming,
+                    min_free_disk_mb=self.client.min_free_disk_mb,
+                )
         except Exception as exc:  # pynetdicom would turn this into a bare 0xC211
             log.exception("C-GET storage sub-operation failed")
             status, size, name, reason = STATUS_CANNOT_UNDERSTAND, 0, "", f"internal error: {exc}"

@@ -246,6 +246,7 @@ class Engine:
             incoming=self.settings.paths.incoming,
             spool=self.settings.paths.spool,
             min_free_disk_mb=server.min_free_disk_mb,
+            max_instance_mb=server.max_instance_mb,
             sink=self.sink,
         )
 
