@@ -288,3 +288,11 @@ def test_anonymize_dry_run_command(
     assert main(["anonymize", "--dry-run", str(path), "--rules", str(rules_file), *common]) == 0
     assert "rule set: keep-names" in capsys.readouterr().out
     assert main(["anonymize", "--dry-run", str(tmp_path / "missing.dcm"), *common]) == 1
+
+
+def test_engine_checks_rule_sets_for_the_editor(opened: Engine) -> None:
+    assert opened.check_rule_set(COMPLEX) == []
+    assert opened.check_rule_set(dumps(COMPLEX)) == []
+    errors = opened.check_rule_set('name = "x"\n[[rules]]\nmatch = "(0010,00)"\naction = "keep"\n')
+    assert [e.where for e in errors] == ["rule 1 (match = '(0010,00)', action = 'keep')"]
+    assert "malformed tag" in errors[0].reason

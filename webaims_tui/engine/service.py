@@ -189,6 +189,21 @@ class Engine:
         """The originals behind a pseudonym, from the separate linkage database."""
         return anonymization.reidentify(self.settings, pseudonym)
 
+    def check_rule_set(
+        self, rule_set: anonymization_rules.RuleSet | str
+    ) -> list[anonymization_rules.RuleError]:
+        """Every problem of a rule set (or its TOML text), each naming the rule and the reason.
+
+        An empty list means it can be saved and activated: the rule editor calls this as the
+        admin types.
+        """
+        if isinstance(rule_set, str):
+            try:
+                rule_set = anonymization_rules.loads(rule_set)
+            except anonymization_rules.RuleSetInvalid as exc:
+                return exc.errors
+        return anonymization_rules.validate(rule_set)
+
     # --- browser (read-only queries and unit actions; see engine/browse.py) ----------------
 
     def browse_page(self, query: browse.BrowseQuery) -> browse.Page:
