@@ -84,7 +84,8 @@ class WebaimsApp(App[None]):
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
     BINDINGS = [
         *(
-            Binding(entry.keys, f"switch_mode('{entry.name}')", entry.title)
+            # Not in the footer (it keeps the screen's own keys); ? and the palette list them.
+            Binding(entry.keys, f"switch_mode('{entry.name}')", entry.title, show=False)
             for entry in MODES_TABLE
         ),
         Binding("question_mark", "help", "Help"),

@@ -484,8 +484,8 @@ class ActivityView(ScrollView, can_focus=True):
         self._seen_revision = self.model.revision
         was_following = self.following and (self.cursor >= len(self._lines) - 1)
         self._lines = list(self._build(self.model.entries))
-        width = max(self.size.width, 120)
-        self.virtual_size = Size(width, len(self._lines))
+        # No horizontal scrolling: a line wider than the terminal is cut at the edge.
+        self.virtual_size = Size(self.size.width, len(self._lines))
         if was_following:
             self.cursor = max(len(self._lines) - 1, 0)
             self.scroll_end(animate=False, immediate=True, x_axis=False)
