@@ -508,6 +508,14 @@ def test_burned_in_modalities_come_from_settings() -> None:
     )
 
 
+def test_burned_in_sop_classes_come_from_settings() -> None:
+    engine = anonymizer(profile=ProfileOptions(), burned_in_sop_classes=(CTImageStorage,))
+    with pytest.raises(AnonymizationRefused, match="SOP class"):
+        engine.anonymize(make_dataset())
+    secondary = make_dataset(SOPClassUID="1.2.840.10008.5.1.4.1.1.7")
+    assert anonymizer(profile=ProfileOptions(), burned_in_sop_classes=()).anonymize(secondary)
+
+
 def test_residual_phi_in_free_text_is_refused_naming_the_element() -> None:
     engine = anonymizer(tuple(r for r in SCRUB if r.match != "StudyDescription"))
     with pytest.raises(AnonymizationRefused) as refused:

@@ -83,17 +83,6 @@ class PassThrough:
 #: Pixel data is never changed by a rule (the autoloader may not even have read it).
 PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
-#: Secondary captures often carry burned-in text (scanned documents, screenshots).
-BURNED_IN_SOP_CLASSES = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.1.7",
-        "1.2.840.10008.5.1.4.1.1.7.1",
-        "1.2.840.10008.5.1.4.1.1.7.2",
-        "1.2.840.10008.5.1.4.1.1.7.3",
-        "1.2.840.10008.5.1.4.1.1.7.4",
-    }
-)
-
 #: File meta elements that name the sending site.
 _META_TO_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102)
 
@@ -290,7 +279,7 @@ class RuleAnonymizer:
             raise AnonymizationRefused(
                 "burned-in-annotation", f"modality {modality} may carry burned-in text"
             )
-        if sop_class in BURNED_IN_SOP_CLASSES:
+        if sop_class in self.settings.burned_in_sop_classes:
             raise AnonymizationRefused(
                 "burned-in-annotation", f"SOP class {sop_class} may carry burned-in text"
             )
