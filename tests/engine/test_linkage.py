@@ -162,3 +162,23 @@ def test_dry_run_does_not_write_the_linkage(make_settings: SettingsFactory, tmp_
     finally:
         engine.stop()
     assert dcmread(source).PatientID == "PAT12345"
+
+
+def test_uid_root_comes_from_settings_and_a_bad_one_is_a_config_error(
+    make_settings: SettingsFactory,
+) -> None:
+    from webaims_tui.config import ConfigError
+
+    root = "1.2.826.0.1.3680043.10.777"
+    engine = Engine(make_settings(f'[anonymization]\nuid_root = "{root}"\n'))
+    try:
+        out = engine.make_anonymizer().anonymize(make_dataset()).dataset
+    finally:
+        engine.stop()
+    assert out.SOPInstanceUID.startswith(root + ".") and len(out.SOPInstanceUID) <= 64
+    engine = Engine(make_settings('[anonymization]\nuid_root = "1.2.03"\n'))
+    try:
+        with pytest.raises(ConfigError, match=r"anonymization\.uid_root"):
+            engine.make_anonymizer()
+    finally:
+        engine.stop()
