@@ -29,8 +29,12 @@ from textual.worker import Worker, WorkerState
 from webaims_tui import locations
 from webaims_tui.config import Settings
 from webaims_tui.engine.events import (
+    EchoFinished,
     EngineError,
     EngineEvent,
+    RetrieveFinished,
+    RetrieveProgress,
+    RetrieveStarted,
     ServerFailed,
     ServerStarted,
     ServerStopped,
@@ -39,7 +43,11 @@ from webaims_tui.engine.service import Engine
 from webaims_tui.messages import EngineEventPosted, EngineEventsWaiting, EngineReady
 from webaims_tui.screens.browser import BrowserScreen
 from webaims_tui.screens.dialogs import ConfirmScreen, HelpScreen
+from webaims_tui.screens.nodes import NodesScreen
+from webaims_tui.screens.query import QueryScreen
 from webaims_tui.screens.receive_log import ReceiveLogScreen
+from webaims_tui.screens.rules import RulesScreen
+from webaims_tui.screens.settings import SettingsScreen
 from webaims_tui.widgets.activity import ActivityModel
 from webaims_tui.widgets.status_header import ServerStatus, StatusHeader
 
@@ -49,6 +57,8 @@ TICK_HZ = 8
 DRAIN_SLICE = 200
 #: Seconds between free-disk checks (a statvfs call, in a thread).
 DISK_CHECK_SECONDS = 5.0
+#: Engine events forwarded to screens with an ``engine_event(event)`` method.
+QR_EVENTS = (RetrieveStarted, RetrieveProgress, RetrieveFinished, EchoFinished)
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,22 @@ MODES_TABLE: tuple[ModeEntry, ...] = (
     ),
     ModeEntry(
         "browser", "2,b", "Browse", "Browse patients, studies, series and instances", BrowserScreen
+    ),
+    ModeEntry(
+        "query",
+        "3",
+        "Query",
+        "Query a remote PACS and retrieve studies into the archive",
+        QueryScreen,
+    ),
+    ModeEntry("rules", "4", "Rules", "Edit, preview and activate anonymization rules", RulesScreen),
+    ModeEntry("nodes", "5", "Nodes", "Remote nodes (PACS): add, edit, remove, echo", NodesScreen),
+    ModeEntry(
+        "settings",
+        "6",
+        "Settings",
+        "Effective settings, their sources, live changes",
+        SettingsScreen,
     ),
 )
 
@@ -193,6 +219,12 @@ class WebaimsApp(App[None]):
             self.listening = False
         elif isinstance(event, EngineError):
             self.notify(event.message, title=event.where, severity="error")
+        if isinstance(event, QR_EVENTS):
+            # Retrieve progress and echo results belong to the screens that started them.
+            for screen in self._mode_screens():
+                forward = getattr(screen, "engine_event", None)
+                if callable(forward):
+                    forward(event)
 
     def check_disk(self) -> None:
         self.run_worker(

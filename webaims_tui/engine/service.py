@@ -10,13 +10,19 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import cast
 
 import peewee as pw
 
-from webaims_tui.config import Settings, ensure_folders
+from webaims_tui.config import (
+    RECORD_UNITS,
+    ConfigError,
+    Settings,
+    ae_title_problem,
+    ensure_folders,
+)
 from webaims_tui.engine import anonymize as anonymization
 from webaims_tui.engine import browse, db, qr
 from webaims_tui.engine import nodes as remote_nodes
@@ -128,6 +134,51 @@ class Engine:
                 incoming=_count_files(paths.incoming, exclude_suffix=".part"),
             )
 
+    # --- settings that change without a restart (the TUI's Settings screen) --------------
+
+    #: Keys :meth:`change_live_settings` accepts; every other setting needs a restart.
+    LIVE_SETTINGS = ("server.allowed_calling_aes", "autoloader.record_unit")
+
+    def change_live_settings(
+        self,
+        *,
+        allowed_calling_aes: tuple[str, ...] | None = None,
+        record_unit: str | None = None,
+    ) -> Settings:
+        """Apply new allowed calling AEs / record unit to the running server and autoloader.
+
+        Valid until the engine stops (the config file is not rewritten); ``settings.sources``
+        marks the key ``live``. ConfigError names the key when a value is invalid.
+        """
+        settings = self.settings
+        sources = dict(settings.sources)
+        if allowed_calling_aes is not None:
+            titles = tuple(t.strip() for t in allowed_calling_aes if t.strip())
+            for title in titles:
+                problem = ae_title_problem(title)
+                if problem:
+                    raise ConfigError(f"server.allowed_calling_aes = {title!r}: {problem}")
+            server = replace(settings.server, allowed_calling_aes=titles)
+            settings = replace(settings, server=server)
+            sources["server.allowed_calling_aes"] = "live"
+            if self.server is not None:
+                # pynetdicom reads the list at each association request: new ones see it.
+                self.server.settings = server
+                self.server._ae.require_calling_aet = list(titles)
+        if record_unit is not None:
+            if record_unit not in RECORD_UNITS:
+                raise ConfigError(
+                    f"autoloader.record_unit = {record_unit!r}: must be one of "
+                    f"{', '.join(RECORD_UNITS)}"
+                )
+            options = replace(settings.autoloader, record_unit=record_unit)  # type: ignore[arg-type]
+            settings = replace(settings, autoloader=options)
+            sources["autoloader.record_unit"] = "live"
+            if self.autoloader is not None:
+                self.autoloader.options = options  # read per batch, in the autoloader's thread
+        self.settings = replace(settings, sources=sources)
+        return self.settings
+
     # --- anonymization (see engine/anonymize.py, rules.py, profile.py, linkage.py) ----------
 
     def make_anonymizer(self) -> anonymization.RuleAnonymizer:
@@ -174,6 +225,16 @@ class Engine:
         """Make a stored version active (validated again first)."""
         self.open()
         return anonymization_rules.activate_rule_set(name, version)
+
+    def apply_active_rule_set(self) -> None:
+        """Use the active rule set from now on: rebuild the anonymizer and, when an autoloader
+        runs, restart it with the new one (it finishes its batch first; files wait in
+        incoming/ meanwhile, so nothing is lost)."""
+        self.anonymizer = self.make_anonymizer()
+        if self.autoloader is not None:
+            self.autoloader.stop()
+            self.autoloader = None
+            self._start_autoloader()
 
     def dry_run(
         self, path: Path, rule_set: anonymization_rules.RuleSet | None = None

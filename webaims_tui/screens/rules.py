@@ -1,0 +1,674 @@
+"""Mode ``rules``: the anonymization rule editor, its live preview, save and activate.
+
+The editor works on a draft :class:`~webaims_tui.engine.rules.RuleSet` held in memory: nothing is
+written until "save" stores it as the next version of its name, and nothing changes how data is
+anonymized until "activate" (after a confirmation that says what it applies to). Validation is
+the engine's own (:func:`rules.validate`), run on every change; errors show beside the rule and
+block saving. The preview runs the draft on an archived instance or a file (a dry run: nothing
+is written, the linkage database is not touched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, DataTable, Footer, Input, Select, SelectionList, Static
+from textual.widgets.selection_list import Selection
+
+from webaims_tui.engine import anonymize, rules
+from webaims_tui.engine.profile import default_rule_set
+from webaims_tui.screens.dialogs import ConfirmScreen
+from webaims_tui.screens.rule_form import RuleFormScreen
+from webaims_tui.widgets.status_header import StatusHeader
+
+if TYPE_CHECKING:
+    from webaims_tui.app import WebaimsApp
+
+#: The profile's on/off options, as the editor's switches.
+PROFILE_SWITCHES: tuple[tuple[str, str], ...] = (
+    ("remove_private", "Remove private tags"),
+    ("retain_safe_private", "Retain safe private"),
+    ("retain_uids", "Retain UIDs"),
+    ("retain_device_identity", "Retain device identity"),
+    ("retain_institution_identity", "Retain institution identity"),
+    ("retain_patient_characteristics", "Retain patient characteristics"),
+    ("clean_descriptors", "Clean descriptors"),
+)
+_RULE_WHERE = re.compile(r"^rule (\d+) ")
+
+
+def rule_argument(rule: rules.Rule) -> str:
+    """The rule's argument as the table shows it."""
+    parts = []
+    if rule.value is not None:
+        parts.append(repr(rule.value))
+    if rule.table:
+        parts.append(f"table {rule.table}")
+    if rule.key:
+        parts.append(f"key {rule.key}")
+    if rule.prefix:
+        parts.append(f"prefix {rule.prefix}")
+    if rule.step is not None:
+        parts.append(f"step {rule.step}")
+    return ", ".join(parts)
+
+
+def errors_by_rule(errors: list[rules.RuleError]) -> tuple[dict[int, list[str]], list[str]]:
+    """Rule errors by rule index (0-based), and the others (name, profile, lookup)."""
+    by_rule: dict[int, list[str]] = {}
+    others: list[str] = []
+    for error in errors:
+        match = _RULE_WHERE.match(error.where)
+        if match:
+            by_rule.setdefault(int(match.group(1)) - 1, []).append(error.reason)
+        else:
+            others.append(str(error))
+    return by_rule, others
+
+
+class PathScreen(ModalScreen[Path | None]):
+    """Asks for a file path (import or export of a rule set as TOML)."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, question: str, default: str) -> None:
+        super().__init__(classes="dialog")
+        self.question = question
+        self.default = default
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog-body"):
+            yield Static(self.question, classes="dialog-question")
+            yield Input(self.default, id="path")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("OK (enter)", id="ok", variant="primary")
+                yield Button("Cancel (esc)", id="cancel")
+
+    def on_mount(self) -> None:
+        field = self.query_one(Input)
+        if self.app.is_headless:
+            field.cursor_blink = False
+        field.focus()
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#ok")
+    def accept(self) -> None:
+        text = self.query_one(Input).value.strip()
+        self.dismiss(Path(text).expanduser() if text else None)
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class PreviewScreen(Screen[None]):
+    """Side-by-side before/after of one instance under the draft rule set, and the verdict."""
+
+    TITLE = "Rule preview"
+    BINDINGS = [
+        Binding("escape", "close", "Back"),
+        Binding("a", "toggle_all", "All/changed"),
+        Binding("slash", "focus_source", "Source"),
+    ]
+
+    def __init__(self, draft: rules.RuleSet, source: str) -> None:
+        super().__init__()
+        self.draft = draft
+        self.source = source
+        self.report: anonymize.DryRunReport | None = None
+        self.show_all = False
+
+    @property
+    def webaims(self) -> WebaimsApp:
+        from webaims_tui.app import WebaimsApp
+
+        assert isinstance(self.app, WebaimsApp)
+        return self.app
+
+    def compose(self) -> ComposeResult:
+        yield StatusHeader()
+        yield Input(
+            self.source,
+            placeholder="#instance-id (archive) or a file path; enter previews",
+            id="preview-source",
+        )
+        table: DataTable[str | Text] = DataTable(id="preview-table", cursor_type="row")
+        yield table
+        yield Static("", id="preview-verdict")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        field = self.query_one("#preview-source", Input)
+        if self.app.is_headless:
+            field.cursor_blink = False
+        table = self.query_one("#preview-table", DataTable)
+        for column in ("Tag", "Keyword", "Before", "After", "Rule"):
+            table.add_column(column, key=column)
+        table.focus()
+        self.run_preview(self.source)
+
+    @on(Input.Submitted, "#preview-source")
+    def source_changed(self, event: Input.Submitted) -> None:
+        self.run_preview(event.value.strip())
+        self.query_one("#preview-table", DataTable).focus()
+
+    def action_focus_source(self) -> None:
+        self.query_one("#preview-source", Input).focus()
+
+    def action_close(self) -> None:
+        self.app.pop_screen()
+
+    def action_toggle_all(self) -> None:
+        self.show_all = not self.show_all
+        self.show_report()
+
+    @work(thread=True, group="rules-preview", exclusive=True, exit_on_error=False, name="preview")
+    def run_preview(self, source: str) -> None:
+        engine = self.webaims.engine
+        try:
+            if source.startswith("#"):
+                path = engine.instance_file(int(source[1:])).path
+            else:
+                path = Path(source).expanduser()
+            report = engine.dry_run(path, self.draft)
+        except (OSError, ValueError, LookupError) as exc:
+            self.app.call_from_thread(self.failed, f"Cannot preview {source!r}: {exc}")
+            return
+        except Exception as exc:  # an unreadable file must not end the editor
+            self.app.call_from_thread(self.failed, f"Cannot preview {source!r}: {exc}")
+            return
+        self.app.call_from_thread(self.show, report)
+
+    def failed(self, message: str) -> None:
+        verdict = self.query_one("#preview-verdict", Static)
+        verdict.update(message)
+        verdict.set_class(True, "-refused")
+        verdict.set_class(False, "-clean")
+
+    def show(self, report: anonymize.DryRunReport) -> None:
+        self.report = report
+        self.show_report()
+
+    def show_report(self) -> None:
+        report = self.report
+        if report is None:
+            return
+        table = self.query_one("#preview-table", DataTable)
+        table.clear()
+        changed = [c for c in report.changes if c.changed]
+        by_rules = [c for c in changed if c.rule.startswith("rule ")]
+        for change in report.changes if self.show_all else changed:
+            # The edited rules' own effects stand out from the profile's.
+            style = "bold yellow" if change.rule.startswith("rule ") else ""
+            if not change.changed:
+                style = "dim"
+            table.add_row(
+                change.tag,
+                change.keyword or change.path,
+                Text(_short(change.before), style="red" if change.changed else ""),
+                Text(_short(change.after), style="green" if change.changed else ""),
+                Text(change.rule, style=style),
+            )
+        verdict = self.query_one("#preview-verdict", Static)
+        summary = (
+            f"{len(changed)} of {len(report.changes)} elements changed, {len(by_rules)} by "
+            f"the rule set's own rules (yellow), the rest by the profile"
+        )
+        if report.refused is not None:
+            verdict.update(
+                f"QUARANTINE: {report.refused.reason}: {report.refused.detail}\n{summary}"
+            )
+        else:
+            verdict.update(f"Residual-PHI check: clean. {summary}")
+        verdict.set_class(report.refused is not None, "-refused")
+        verdict.set_class(report.refused is None, "-clean")
+
+
+def _short(value: str | None) -> str:
+    if value is None:
+        return "—"
+    return value if len(value) <= 40 else value[:39] + "…"
+
+
+class RulesScreen(Screen[None]):
+    """Mode ``rules``: stored rule sets on the left, the draft being edited on the right."""
+
+    TITLE = "Anonymization rules"
+    HELP = """\
+[b]Anonymization rules[/b]
+Left: every stored rule set version (● = active). Enter on one loads it into the editor.
+Right: the draft. Its name (saving under a new name starts a new rule set), the profile
+switches (space toggles), the rules in order (the first rule matching an element decides;
+the profile acts where no rule does). a adds a rule, e or enter edits, d deletes,
+K/J (shift+up/down) move it. Errors show beside the rule and block saving.
+p previews the draft on an archived instance (#id) or a file: before/after and the
+residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the version shown
+(after saying what it applies to). i imports a TOML file into the draft, x exports the draft."""
+
+    BINDINGS = [
+        Binding("a", "add_rule", "Add"),
+        Binding("e", "edit_rule", "Edit", show=False),
+        Binding("d", "delete_rule", "Delete"),
+        Binding("shift+up,K", "move(-1)", "Up", show=False),
+        Binding("shift+down,J", "move(1)", "Down", show=False),
+        Binding("p", "preview", "Preview"),
+        Binding("ctrl+s", "save", "Save"),
+        Binding("A", "activate", "Activate"),
+        Binding("i", "import_toml", "Import", show=False),
+        Binding("x", "export_toml", "Export", show=False),
+        Binding("escape", "focus_rules", "Rules", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: list[rules.StoredRuleSet] = []
+        self.draft: rules.RuleSet = default_rule_set()
+        self.loaded: rules.StoredRuleSet | None = None
+        self.dirty = False
+        self.errors: list[rules.RuleError] = []
+
+    @property
+    def webaims(self) -> WebaimsApp:
+        from webaims_tui.app import WebaimsApp
+
+        assert isinstance(self.app, WebaimsApp)
+        return self.app
+
+    # --- layout -------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield StatusHeader()
+        with Horizontal(id="rules-body"):
+            sets: DataTable[str | Text] = DataTable(id="rule-sets", cursor_type="row")
+            yield sets
+            with Vertical(id="rules-editor"):
+                with Horizontal(id="rules-name-bar"):
+                    yield Input(self.draft.name, placeholder="rule set name", id="rules-name")
+                    yield Select[str](
+                        [(f"dates: {c}", c) for c in rules.LONGITUDINAL_CHOICES],
+                        value=self.draft.profile.retain_longitudinal,
+                        allow_blank=False,
+                        id="rules-longitudinal",
+                    )
+                yield Static("", id="rules-state")
+                yield SelectionList[str](id="profile-options")
+                table: DataTable[str | Text] = DataTable(id="rules-table", cursor_type="row")
+                yield table
+                yield Static("", id="rules-errors")
+        yield Static("", id="rules-message")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self.app.is_headless:
+            self.query_one("#rules-name", Input).cursor_blink = False
+        sets = self.query_one("#rule-sets", DataTable)
+        for column in ("", "Rule set", "v"):
+            sets.add_column(column, key=column or "active")
+        table = self.query_one("#rules-table", DataTable)
+        for column in ("#", "Match", "Action", "Argument", "Comment", "Problem"):
+            table.add_column(column, key=column)
+        self.show_draft()
+        table.focus()
+        if self.webaims.engine_ready:
+            self.engine_ready()
+
+    def engine_ready(self) -> None:
+        self.load_stored(open_active=self.loaded is None and not self.dirty)
+
+    # --- stored rule sets ---------------------------------------------------------------------
+
+    @work(thread=True, group="rules", exclusive=True, exit_on_error=False, name="rule sets")
+    def load_stored(self, open_active: bool = False) -> None:
+        engine = self.webaims.engine
+        stored = engine.rule_sets()
+        draft: tuple[rules.RuleSet, rules.StoredRuleSet] | None = None
+        if open_active:
+            active = next((s for s in stored if s.active), None)
+            if active is not None:
+                draft = engine.rule_set(active.name, active.version)
+        self.app.call_from_thread(self.show_stored, stored, draft)
+
+    def show_stored(
+        self,
+        stored: list[rules.StoredRuleSet],
+        draft: tuple[rules.RuleSet, rules.StoredRuleSet] | None = None,
+    ) -> None:
+        self.stored = stored
+        table = self.query_one("#rule-sets", DataTable)
+        table.clear()
+        for item in reversed(stored):  # newest first
+            table.add_row(
+                Text("●", style="green") if item.active else "",
+                item.name,
+                str(item.version),
+                key=str(item.id),
+            )
+        if draft is not None:
+            self.open(*draft)
+        else:
+            self.show_state()
+
+    @on(DataTable.RowSelected, "#rule-sets")
+    def open_selected(self, event: DataTable.RowSelected) -> None:
+        chosen = next((s for s in self.stored if str(s.id) == event.row_key.value), None)
+        if chosen is None:
+            return
+        if self.dirty:
+
+            def answered(confirmed: bool | None) -> None:
+                if confirmed:
+                    self.fetch(chosen)
+
+            question = "The draft has unsaved changes. Discard them and open the stored version?"
+            self.app.push_screen(ConfirmScreen(question, yes="Discard"), answered)
+            return
+        self.fetch(chosen)
+
+    @work(thread=True, group="rules", exit_on_error=False, name="open rule set")
+    def fetch(self, chosen: rules.StoredRuleSet) -> None:
+        try:
+            rule_set, stored = self.webaims.engine.rule_set(chosen.name, chosen.version)
+        except rules.RuleSetInvalid as exc:
+            self.app.call_from_thread(self.say, str(exc), error=True)
+            return
+        self.app.call_from_thread(self.open, rule_set, stored)
+
+    def open(self, rule_set: rules.RuleSet, stored: rules.StoredRuleSet | None) -> None:
+        self.draft = rule_set
+        self.loaded = stored
+        self.dirty = False
+        self.show_draft()
+
+    # --- the draft ----------------------------------------------------------------------------
+
+    def show_draft(self) -> None:
+        """Everything the editor shows from ``self.draft`` (after a load or an import)."""
+        self.query_one("#rules-name", Input).value = self.draft.name
+        self.query_one("#rules-longitudinal", Select).value = self.draft.profile.retain_longitudinal
+        options = self.query_one("#profile-options", SelectionList)
+        options.clear_options()
+        options.add_options(
+            [
+                Selection(label, name, bool(getattr(self.draft.profile, name)))
+                for name, label in PROFILE_SWITCHES
+            ]
+        )
+        self.render_rules()
+
+    def change(self, draft: rules.RuleSet) -> None:
+        """Every edit goes through here: new draft, validation, redraw."""
+        self.draft = draft
+        self.dirty = True
+        self.render_rules()
+
+    def render_rules(self) -> None:
+        self.errors = rules.validate(self.draft)
+        by_rule, others = errors_by_rule(self.errors)
+        table = self.query_one("#rules-table", DataTable)
+        cursor = table.cursor_row
+        table.clear()
+        for index, rule in enumerate(self.draft.rules):
+            problems = by_rule.get(index, [])
+            table.add_row(
+                str(index + 1),
+                rule.match,
+                rule.action,
+                rule_argument(rule),
+                rule.comment,
+                Text("✗ " + "; ".join(problems), style="bold red") if problems else "",
+            )
+        if table.row_count:
+            table.move_cursor(row=min(max(cursor, 0), table.row_count - 1))
+        rule_errors = sum(len(v) for v in by_rule.values())
+        lines = [f"✗ {e}" for e in others]
+        if rule_errors:
+            lines.insert(0, f"✗ {rule_errors} problem(s) in the rules: saving is blocked")
+        self.query_one("#rules-errors", Static).update("\n".join(lines))
+        self.show_state()
+
+    def show_state(self) -> None:
+        text = Text(no_wrap=True, overflow="ellipsis")
+        loaded = self.loaded
+        if loaded is None:
+            text.append("new draft (not stored)")
+        else:
+            text.append(f"{loaded.name} v{loaded.version}")
+            if any(s.id == loaded.id and s.active for s in self.stored) or loaded.active:
+                text.append(" ● active", style="green")
+        text.append(f" · {len(self.draft.rules)} rules")
+        if self.dirty:
+            text.append(" · unsaved changes", style="bold yellow")
+        if self.errors:
+            text.append(f" · {len(self.errors)} error(s)", style="bold red")
+        self.query_one("#rules-state", Static).update(text)
+
+    @on(Input.Changed, "#rules-name")
+    def name_changed(self, event: Input.Changed) -> None:
+        if event.value != self.draft.name:
+            self.change(dataclasses.replace(self.draft, name=event.value.strip()))
+
+    @on(Select.Changed, "#rules-longitudinal")
+    def longitudinal_changed(self, event: Select.Changed) -> None:
+        value = str(event.value)
+        if value != self.draft.profile.retain_longitudinal:
+            profile = dataclasses.replace(self.draft.profile, retain_longitudinal=value)
+            self.change(dataclasses.replace(self.draft, profile=profile))
+
+    @on(SelectionList.SelectedChanged, "#profile-options")
+    def switches_changed(self) -> None:
+        selected = set(self.query_one("#profile-options", SelectionList).selected)
+        values: dict[str, Any] = {name: name in selected for name, _label in PROFILE_SWITCHES}
+        if all(getattr(self.draft.profile, k) == v for k, v in values.items()):
+            return
+        profile = dataclasses.replace(self.draft.profile, **values)
+        self.change(dataclasses.replace(self.draft, profile=profile))
+
+    def say(self, text: str, *, error: bool = False) -> None:
+        message = self.query_one("#rules-message", Static)
+        message.update(text)
+        message.set_class(error, "-error")
+
+    # --- rule actions -------------------------------------------------------------------------
+
+    def _cursor(self) -> int | None:
+        table = self.query_one("#rules-table", DataTable)
+        if not self.draft.rules or not 0 <= table.cursor_row < len(self.draft.rules):
+            return None
+        return table.cursor_row
+
+    def action_focus_rules(self) -> None:
+        self.query_one("#rules-table", DataTable).focus()
+
+    def action_add_rule(self) -> None:
+        def added(rule: rules.Rule | None) -> None:
+            if rule is not None:
+                index = self._cursor()
+                at = len(self.draft.rules) if index is None else index + 1
+                new = (*self.draft.rules[:at], rule, *self.draft.rules[at:])
+                self.change(dataclasses.replace(self.draft, rules=new))
+                self.query_one("#rules-table", DataTable).move_cursor(row=at)
+
+        self.app.push_screen(RuleFormScreen(self.draft), added)
+
+    @on(DataTable.RowSelected, "#rules-table")
+    def action_edit_rule(self) -> None:
+        index = self._cursor()
+        if index is None:
+            return
+
+        def edited(rule: rules.Rule | None) -> None:
+            if rule is not None:
+                new = list(self.draft.rules)
+                new[index] = rule
+                self.change(dataclasses.replace(self.draft, rules=tuple(new)))
+
+        self.app.push_screen(RuleFormScreen(self.draft, self.draft.rules[index]), edited)
+
+    def action_delete_rule(self) -> None:
+        index = self._cursor()
+        if index is None:
+            return
+        new = self.draft.rules[:index] + self.draft.rules[index + 1 :]
+        removed = self.draft.rules[index]
+        self.change(dataclasses.replace(self.draft, rules=new))
+        self.say(f"Rule {removed.match} → {removed.action} deleted from the draft (not saved).")
+
+    def action_move(self, step: int) -> None:
+        index = self._cursor()
+        if index is None or not 0 <= index + step < len(self.draft.rules):
+            return
+        new = list(self.draft.rules)
+        new[index], new[index + step] = new[index + step], new[index]
+        self.change(dataclasses.replace(self.draft, rules=tuple(new)))
+        self.query_one("#rules-table", DataTable).move_cursor(row=index + step)
+
+    # --- preview, save, activate --------------------------------------------------------------
+
+    def action_preview(self) -> None:
+        if self.errors:
+            self.say("Fix the errors first: an invalid rule set cannot be applied.", error=True)
+            return
+        self.pick_preview_source()
+
+    @work(thread=True, group="rules-preview", exit_on_error=False, name="preview source")
+    def pick_preview_source(self) -> None:
+        source = default_preview_source(self.webaims)
+        self.app.call_from_thread(self.app.push_screen, PreviewScreen(self.draft, source))
+
+    def action_save(self) -> None:
+        if self.errors:
+            self.say(f"Not saved: {len(self.errors)} error(s); see beside the rules.", error=True)
+            self.app.bell()
+            return
+        if not self.dirty and self.loaded is not None:
+            self.say(f"Nothing to save: {self.loaded.name} v{self.loaded.version} is unchanged.")
+            return
+        self.save(self.draft)
+
+    @work(thread=True, group="rules", exit_on_error=False, name="save rule set")
+    def save(self, draft: rules.RuleSet) -> None:
+        engine = self.webaims.engine
+        try:
+            stored = engine.save_rule_set(draft, comment="edited in the TUI")
+        except rules.RuleSetInvalid as exc:
+            self.app.call_from_thread(self.say, f"Not saved: {exc}", error=True)
+            return
+        self.app.call_from_thread(self._saved, draft, stored)
+
+    def _saved(self, draft: rules.RuleSet, stored: rules.StoredRuleSet) -> None:
+        if draft == self.draft:
+            self.dirty = False
+        self.loaded = stored
+        self.say(f"Saved as {stored.name} v{stored.version} (not active: A activates it).")
+        self.load_stored()
+
+    def action_activate(self) -> None:
+        if self.dirty or self.loaded is None:
+            self.say("Save the draft first (ctrl+s): only a stored version is activated.")
+            return
+        if self.loaded.active and any(s.id == self.loaded.id and s.active for s in self.stored):
+            self.say(f"{self.loaded.name} v{self.loaded.version} is already active.")
+            return
+        self.ask_activation(self.loaded)
+
+    @work(thread=True, group="rules", exit_on_error=False, name="activation")
+    def ask_activation(self, stored: rules.StoredRuleSet) -> None:
+        waiting = self.webaims.engine.stats().incoming
+        question = (
+            f"Activate {stored.name} v{stored.version}?\n\n"
+            f"It will anonymize the {waiting:,} file(s) waiting in incoming/ and every instance "
+            "received from now on. Instances already archived keep the version that "
+            "anonymized them."
+        )
+
+        def answered(confirmed: bool | None) -> None:
+            if confirmed:
+                self.activate(stored)
+
+        self.app.call_from_thread(
+            self.app.push_screen, ConfirmScreen(question, yes="Activate"), answered
+        )
+
+    @work(thread=True, group="rules", exit_on_error=False, name="activate rule set")
+    def activate(self, stored: rules.StoredRuleSet) -> None:
+        engine = self.webaims.engine
+        try:
+            active = engine.activate_rule_set(stored.name, stored.version)
+            engine.apply_active_rule_set()
+        except rules.RuleSetInvalid as exc:
+            self.app.call_from_thread(self.say, f"Not activated: {exc}", error=True)
+            return
+        self.app.call_from_thread(self._activated, active)
+
+    def _activated(self, active: rules.StoredRuleSet) -> None:
+        self.loaded = active
+        self.say(f"{active.name} v{active.version} is active: new instances use it now.")
+        self.load_stored()
+
+    # --- TOML import / export -----------------------------------------------------------------
+
+    def action_import_toml(self) -> None:
+        def chosen(path: Path | None) -> None:
+            if path is not None:
+                self.import_toml(path)
+
+        self.app.push_screen(PathScreen("Import a rule set from the TOML file:", ""), chosen)
+
+    @work(thread=True, group="rules", exit_on_error=False, name="import rules")
+    def import_toml(self, path: Path) -> None:
+        try:
+            rule_set = rules.loads(path.read_text(encoding="utf-8"), source=str(path))
+        except (OSError, UnicodeDecodeError) as exc:
+            self.app.call_from_thread(self.say, f"Cannot read {path}: {exc}", error=True)
+            return
+        except rules.RuleSetInvalid as exc:
+            self.app.call_from_thread(self.say, f"Not imported: {exc}", error=True)
+            return
+        self.app.call_from_thread(self._imported, rule_set, path)
+
+    def _imported(self, rule_set: rules.RuleSet, path: Path) -> None:
+        self.open(rule_set, None)
+        self.dirty = True
+        self.show_state()
+        self.say(f"Imported {path} into the draft: ctrl+s stores it as a new version.")
+
+    def action_export_toml(self) -> None:
+        default = str(Path.cwd() / f"{self.draft.name or 'rules'}.toml")
+
+        def chosen(path: Path | None) -> None:
+            if path is not None:
+                self.export_toml(path, rules.dumps(self.draft))
+
+        self.app.push_screen(PathScreen("Export the draft as TOML to:", default), chosen)
+
+    @work(thread=True, group="rules", exit_on_error=False, name="export rules")
+    def export_toml(self, path: Path, text: str) -> None:
+        if path.exists():
+            self.app.call_from_thread(
+                self.say, f"Not exported: {path} exists (no file is overwritten).", error=True
+            )
+            return
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            self.app.call_from_thread(self.say, f"Cannot write {path}: {exc}", error=True)
+            return
+        self.app.call_from_thread(self.say, f"Exported the draft to {path}.")
+
+
+def default_preview_source(app: WebaimsApp) -> str:
+    """A file waiting in incoming/ (original data: the interesting case), else instance #1."""
+    incoming = app.engine.settings.paths.incoming
+    for path in sorted(incoming.rglob("*")) if incoming.exists() else []:
+        if path.is_file() and not path.name.endswith(".part"):
+            return str(path)
+    return "#1"
