@@ -33,11 +33,14 @@ SettingsFactory = Callable[..., Settings]
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path, request: pytest.FixtureRequest) -> SettingsFactory:
+def make_settings(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> SettingsFactory:
     """Settings on ``tmp_path/data``, listening on a free loopback port unless told otherwise.
 
     With WEBAIMS_TEST_DATABASE=postgresql the archive database is a fresh PostgreSQL database
-    per test (the same one for every call within a test) unless the config text names one.
+    per test (the same one for every call within a test) unless the config text names one; it is
+    also put in WEBAIMS_DATABASE_URL, so CLI runs and subprocesses of the test use it too.
     """
     postgres: PostgresServer | None = None
     if engine_tests_use_postgresql():
@@ -52,9 +55,11 @@ def make_settings(tmp_path: Path, request: pytest.FixtureRequest) -> SettingsFac
         settings = dataclasses.replace(
             settings, server=dataclasses.replace(settings.server, **server_values)
         )
-        if postgres is not None and settings.source_of("paths.database_url") == "default":
+        database_source = settings.source_of("paths.database_url")
+        if postgres is not None and database_source in ("default", "environment"):
             if not postgres_urls:
                 postgres_urls.append(postgres.create_database())
+                monkeypatch.setenv("WEBAIMS_DATABASE_URL", postgres_urls[0])
             paths = dataclasses.replace(settings.paths, database_url=postgres_urls[0])
             settings = dataclasses.replace(settings, paths=paths)
         return settings

@@ -337,7 +337,8 @@ def _text(dataset: Dataset, keyword: str, limit: int) -> str:
         return ""
     if isinstance(value, MultiValue | list | tuple):
         value = "\\".join(str(v) for v in value)
-    return str(value).strip()[:limit]
+    # PostgreSQL refuses NUL in text, SQLite stores it: drop it so both index the same value.
+    return str(value).replace("\0", "").strip()[:limit]
 
 
 def _integer(dataset: Dataset, keyword: str) -> int | None:
