@@ -37,6 +37,7 @@ def association_request(
     calling_ae: str = "HOSTILE",
     abstract_syntaxes: tuple[str, ...] = (str(Verification), str(CTImageStorage)),
     max_pdu: int = 16384,
+    transfer_syntaxes: tuple[str, ...] | None = None,
 ) -> bytes:
     """A real encoded A-ASSOCIATE-RQ, as pynetdicom would send it."""
     primitive = A_ASSOCIATE()
@@ -45,7 +46,7 @@ def association_request(
     primitive.called_ae_title = called_ae
     contexts = []
     for index, uid in enumerate(abstract_syntaxes):
-        context = build_context(uid)
+        context = build_context(uid, list(transfer_syntaxes) if transfer_syntaxes else None)
         context.context_id = 2 * index + 1
         contexts.append(context)
     primitive.presentation_context_definition_list = contexts

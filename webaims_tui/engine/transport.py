@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from pynetdicom import evt
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -254,7 +255,44 @@ class GuardedRequestHandler(RequestHandler):
         guarded.active_poll_interval = assoc.dul._run_loop_delay
         assoc.dul._run_loop_delay = PENDING_POLL_INTERVAL
         self.server.connection_pending(guarded, self.request)
+        _contain_upper_layer_errors(assoc, guarded)
         return assoc
+
+
+def _contain_upper_layer_errors(assoc: Association, guarded: GuardedAssociationSocket) -> None:
+    """Turn an exception in pynetdicom's state machine into an abort of this association only.
+
+    pynetdicom's DUL thread runs the state machine outside its own try block: a command set
+    without CommandField, an unknown command, or a release crossing a peer's garbage (Evt14 in
+    Sta13) raise there, the thread dies with a traceback and the association is left to its
+    timers (all found by tests/adversarial/test_fuzz_network.py). Here they end as pynetdicom
+    ends the errors it does catch: A-ABORT, both threads stopped, the connection closed.
+    """
+    dul = assoc.dul
+    machine = dul.state_machine
+    act = machine.do_action
+
+    def do_action(event: str) -> None:
+        try:
+            act(event)
+        except Exception as exc:
+            reason = f"upper layer failed on {event}: {type(exc).__name__}: {exc}"
+            log.warning("aborting association from %s: %s", guarded.peer, reason)
+            raw = guarded.socket
+            if raw is not None:
+                with contextlib.suppress(OSError):
+                    raw.sendall(_ABORT_INVALID_PARAMETER)
+                _shutdown(raw)
+            assoc.is_aborted = True
+            assoc.is_established = False
+            assoc._kill = True
+            dul._kill_thread = True
+            guarded._release_waiting_association()
+            # The state machine will not get to say so: tell the SCP's handlers ourselves.
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+            evt.trigger(assoc, evt.EVT_CONN_CLOSE, {"address": guarded.peer})
+
+    machine.do_action = do_action  # type: ignore[method-assign]
 
 
 #: The DICOM application context name (PS3.7 A.2.1), the only one there is.
