@@ -111,7 +111,8 @@ class Engine:
             self.autoloader.stop()
             self.autoloader = None
         if self.database is not None:
-            self.database.close()
+            # A PostgreSQL pool also holds connections that other threads returned: close all.
+            db.close_database(self.database)
             self.database = None
 
     def _clean_spool(self) -> None:
