@@ -223,6 +223,11 @@ class RuleAnonymizer:
             refused = refused or exc
         return DryRunReport(rule_set=self.rule_set.name, changes=trace, refused=refused)
 
+    def close(self) -> None:
+        """Release the linkage database connection (when this anonymizer is replaced)."""
+        if self.linkage is not None:
+            self.linkage.close()
+
     def replacement_uid(self, original: str, keyword: str = "SOPInstanceUID") -> str | None:
         """The UID this rule set writes for ``original`` in a top-level ``keyword`` element.
 

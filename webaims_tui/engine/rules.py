@@ -92,7 +92,7 @@ DEFAULT_SAFE_PRIVATE: tuple[str, ...] = (
     "(0019,xx0D)@SIEMENS MR HEADER",  # Diffusion Directionality
     "(0019,xx0E)@SIEMENS MR HEADER",  # Diffusion Gradient Direction
     "(0019,xx27)@SIEMENS MR HEADER",  # B Matrix
-    "(0043,xx39)@GEMS_PARM_01",  # Slop_int_6... (GE b value)
+    "(0043,xx39)@GEMS_PARM_01",  # Slop_int_6..9 (GE diffusion b value)
     "(2001,xx03)@Philips Imaging DD 001",  # Diffusion B-Factor
 )
 
