@@ -552,6 +552,8 @@ class Autoloader:
     # --- threads ------------------------------------------------------------------------------
 
     def _watch(self) -> None:
+        # watchfiles logs every batch of changes at INFO: thousands of lines per study.
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)
         try:
             for _changes in watchfiles.watch(
                 self.paths.incoming,
@@ -1016,6 +1018,10 @@ class Autoloader:
         for start in range(0, len(rows), 200):
             db.Instance.insert_many(rows[start : start + 200]).execute()
         self._batch_studies.update(studies[p.item.study["study_instance_uid"]] for p in places)
+        # Counted here too, so that a kill right after this commit leaves the counts right; the
+        # recount after the commit (_refresh_aggregates) corrects races between nodes.
+        self._update_study_modalities(self._batch_studies)
+        self._update_records(touched_records, now)
         created: dict[str, bool] = {}
         first_of: set[str] = set()
         for place in places:
