@@ -105,3 +105,18 @@ def test_get_missing_series(
     assert "series complete: all 4 remote instances are in the archive" in out
     assert main([*cli, "get", "pacs"]) == 2
     assert "give --patient ID or --study UID" in capsys.readouterr().err
+
+
+def test_the_automatic_echo_is_remembered_on_the_node(
+    cli: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    down = f"127.0.0.1:{free_port()}"
+    assert main([*cli, "nodes", "add", "down", down, "--called-ae", "DOWN"]) == 0
+    assert main([*cli, "find", "pacs", "--limit", "1"]) == 0
+    assert main([*cli, "find", "down"]) == 1
+    assert "C-ECHO failed, nothing was sent: connection refused" in capsys.readouterr().err
+    assert main([*cli, "nodes", "list", "--json"]) == 0
+    nodes = {n["name"]: n for n in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert nodes["pacs"]["last_echo_ok"] is True
+    assert nodes["down"]["last_echo_ok"] is False
+    assert "connection refused" in nodes["down"]["last_echo_detail"]

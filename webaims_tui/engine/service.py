@@ -37,7 +37,7 @@ from webaims_tui.engine.autoloader import (
     ProgressCallback,
     import_into_incoming,
 )
-from webaims_tui.engine.events import EngineError, EngineEvent, EventSink
+from webaims_tui.engine.events import EchoFinished, EngineError, EngineEvent, EventSink
 from webaims_tui.engine.scp import StorageServer, sop_class_name
 
 log = logging.getLogger(__name__)
@@ -330,19 +330,42 @@ class Engine:
     def _peer(self, node: str | qr.Peer) -> qr.Peer:
         return node if isinstance(node, qr.Peer) else remote_nodes.peer_for(self.node(node))
 
+    def _client_for(self, node: str | qr.Peer) -> qr.QRClient:
+        """A client whose C-ECHOs (alone or before each operation) update a stored node."""
+        client = self.qr_client()
+        if not isinstance(node, str):
+            return client
+        name = node
+
+        def remember_echo(event: EngineEvent) -> None:
+            if isinstance(event, EchoFinished):
+                try:
+                    remote_nodes.record_echo(
+                        name,
+                        qr.EchoResult(
+                            ok=event.ok,
+                            peer=event.node,
+                            elapsed=event.elapsed,
+                            problem=event.problem,
+                            message=event.message,
+                        ),
+                    )
+                except Exception:  # the echo's outcome is reported anyway; only the memo is lost
+                    log.exception("cannot record the C-ECHO outcome of node %s", name)
+            self.sink(event)
+
+        client.sink = remember_echo
+        return client
+
     def echo(self, node: str | qr.Peer) -> qr.EchoResult:
         """C-ECHO a stored node (by name) or an ad-hoc peer; never raises for network trouble."""
-        peer = self._peer(node)
-        result = self.qr_client().echo(peer)
-        if isinstance(node, str):
-            remote_nodes.record_echo(node, result)
-        return result
+        return self._client_for(node).echo(self._peer(node))
 
     def find(
         self, node: str | qr.Peer, query: qr.FindQuery, cancel: qr.CancelToken | None = None
     ) -> qr.FindResult:
         """C-FIND (after a C-ECHO); raises QRFailure with an explanation when it cannot run."""
-        return self.qr_client().find(self._peer(node), query, cancel)
+        return self._client_for(node).find(self._peer(node), query, cancel)
 
     def retrieve(
         self,
@@ -355,7 +378,7 @@ class Engine:
     ) -> qr.RetrieveSummary:
         """C-MOVE (to us, or ``destination``) or C-GET, as the node says unless ``method``."""
         peer = self._peer(node)
-        client = self.qr_client()
+        client = self._client_for(node)
         classes: list[str] = []
         if (method or peer.retrieve_method) == "c-get":
             classes = self._remote_sop_classes(client, peer, targets, cancel)
@@ -451,7 +474,7 @@ class Engine:
     ) -> qr.VerifyReport:
         """Remote IMAGE-level count versus what the archive holds, with the missing instances."""
         return qr.verify(
-            self.qr_client(),
+            self._client_for(node),
             self._peer(node),
             study_instance_uid,
             series_instance_uid,
@@ -469,7 +492,7 @@ class Engine:
     ) -> qr.FetchMissingReport:
         """Verify, retrieve only the missing instances, verify again and report the difference."""
         return qr.fetch_missing(
-            self.qr_client(),
+            self._client_for(node),
             self._peer(node),
             study_instance_uid,
             series_instance_uid,
