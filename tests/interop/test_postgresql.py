@@ -241,3 +241,24 @@ def test_nodes_migrating_an_empty_database_at_once_both_succeed(postgres_url: st
     assert [run.returncode for run in runs] == [0, 0, 0]
     assert sum("created at" in out for out in outputs) == 1
     assert sum("already at" in out for out in outputs) == 2
+
+
+def test_db_copy_of_a_value_postgresql_refuses_keeps_nothing_and_says_which_table(
+    sqlite_archive: tuple[str, dict[str, int]],
+    postgres_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SQLite stores a 300-character description in VARCHAR(256); PostgreSQL refuses it."""
+    source_url, _ = sqlite_archive
+    source = db.connect(source_url)
+    try:
+        source.execute_sql("UPDATE study SET description = ? WHERE id = 3", ("x" * 300,))
+    finally:
+        db.close_database(source)
+    assert main(["db", "copy", "--database-url", source_url, "--to", postgres_url]) == 1
+    err = capsys.readouterr().err
+    assert "study:" in err and "nothing was kept" in err
+    # One transaction: the tables copied before the failing one were rolled back too.
+    left = {table: len(rows) for table, rows in table_rows(postgres_url).items()}
+    assert left.pop("schema_info") == 1  # the schema, created before the copy's transaction
+    assert set(left.values()) == {0}

@@ -147,21 +147,27 @@ def _copy_table(
 ) -> TableCopy:
     table = model._meta.table_name
     key: pw.Field = model.id
-    columns = len(model._meta.sorted_fields)
-    batch = max(1, min(batch_size, _MAX_PARAMETERS // columns))
+    fields = list(model._meta.sorted_fields)
+    key_index = fields.index(key)
+    batch = max(1, min(batch_size, _MAX_PARAMETERS // len(fields)))
     total = int(model.select().count(source))
     copied = 0
     last_key: object = None
     while True:
-        query = model.select().order_by(key).limit(batch)
+        query = model.select(*fields).order_by(key).limit(batch)
         if last_key is not None:
             query = query.where(key > last_key)
-        # dicts() keeps primary and foreign keys as plain values, which insert_many writes as is.
-        rows = list(query.dicts().execute(source))
+        # tuples() gives Python values (datetimes, booleans); db_value turns them into what the
+        # target stores. Foreign keys come as plain ids, so every reference is kept as is.
+        rows = [
+            tuple(field.db_value(value) for field, value in zip(fields, row, strict=True))
+            for row in query.tuples().execute(source)
+        ]
         if not rows:
             break
         try:
-            model.insert_many(rows).execute(target)
+            with _exception_wrapper:
+                _insert_rows(target, table, [f.column_name for f in fields], rows)
         except (pw.DataError, pw.IntegrityError) as exc:
             # SQLite does not enforce VARCHAR lengths, PostgreSQL does. Only the first line of
             # the server's message: its DETAIL line may quote a (pseudonymized) key value.
@@ -171,12 +177,35 @@ def _copy_table(
                 "nothing was kept"
             ) from None
         copied += len(rows)
-        last_key = rows[-1][key.name]
+        last_key = rows[-1][key_index]
         if progress is not None:
             progress(table, copied, total)
     if progress is not None and total == 0:
         progress(table, 0, 0)
     return TableCopy(table, total, int(model.select().count(target)))
+
+
+#: Turns driver exceptions (psycopg2, sqlite3) into peewee's, as peewee's own execute does.
+_exception_wrapper = getattr(pw, "__exception_wrapper__")  # noqa: B009
+
+
+def _insert_rows(
+    target: pw.Database, table: str, columns: list[str], rows: list[tuple[object, ...]]
+) -> None:
+    """One batch through the driver: peewee builds an INSERT of 1,000 rows slower than the
+    server runs it (measured: 100,000 instances took 44 s through insert_many)."""
+    names = ", ".join(f'"{column}"' for column in columns)
+    cursor = target.cursor()
+    if db.is_postgresql(target):
+        # One statement per batch instead of one round trip per row.
+        from psycopg2.extras import execute_values  # type: ignore[import-untyped]
+
+        execute_values(
+            cursor, f'INSERT INTO "{table}" ({names}) VALUES %s', rows, page_size=len(rows)
+        )
+    else:
+        marks = ", ".join([target.param] * len(columns))
+        cursor.executemany(f'INSERT INTO "{table}" ({names}) VALUES ({marks})', rows)
 
 
 def _reset_sequence(model: type[db.BaseModel], target: pw.Database) -> None:
