@@ -13,6 +13,7 @@ rules and nodes screens slot in by adding rows there.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing.resource_tracker
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -129,6 +130,10 @@ class WebaimsApp(App[None]):
     ) -> None:
         """``clock``, ``disk_free`` and ``start_server=False`` make snapshots deterministic."""
         super().__init__()
+        # The autoloader's process pool spawns workers through multiprocessing's resource
+        # tracker, which hands the child sys.stderr's descriptor. While Textual runs, stderr is
+        # its capture object (no real descriptor) and the spawn fails: start the tracker now.
+        multiprocessing.resource_tracker.ensure_running()
         self.settings = settings
         self.engine = engine or Engine(settings, sink=self.engine_sink)
         if engine is not None:
