@@ -1292,7 +1292,12 @@ class _RetrieveRun:
         if self.failure is not None:
             return f"{self.failure.message} ({counts} before it stopped)"
         if s.cancelled:
-            return f"cancelled: {counts}, {s.remaining} not sent"
+            written = ""
+            if self.method == "c-get" and len(s.received) != s.completed:
+                # Measured with Orthanc: an instance in flight when the C-CANCEL arrives is
+                # stored here but left out of the PACS's final count. It is kept, not lost.
+                written = f" ({len(s.received)} written to incoming/)"
+            return f"cancelled: {counts}{written}, {s.remaining} not sent"
         code = s.status
         if code is None:
             return f"{self.peer.label} ended the retrieve without a final status ({counts})"
