@@ -7,7 +7,8 @@ autoloader; readers in threads); nothing here uses SQLite-only SQL so that Postg
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
@@ -321,14 +322,24 @@ def insert_missing(
     return int(inserted)
 
 
-def migrate(db: pw.Database) -> int:
-    """Bring ``db`` to SCHEMA_VERSION; returns the version it was at before."""
+@contextlib.contextmanager
+def schema_lock(db: pw.Database) -> Iterator[None]:
+    """A transaction in which creating tables is serialised across processes.
+
+    Two nodes starting together on an empty PostgreSQL database would both create the tables,
+    and even ``CREATE TABLE IF NOT EXISTS`` then fails in one of them (a unique violation in
+    pg_type/pg_class). PostgreSQL DDL is transactional, so an advisory lock held until commit
+    serialises them; SQLite needs nothing: its first write takes the database lock.
+    """
     with db.atomic():
         if is_postgresql(db):
-            # Two nodes starting together on an empty database would both create the tables.
-            # PostgreSQL DDL is transactional, so holding this lock until commit serialises them;
-            # SQLite needs nothing: its first write takes the database lock.
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        yield
+
+
+def migrate(db: pw.Database) -> int:
+    """Bring ``db`` to SCHEMA_VERSION; returns the version it was at before."""
+    with schema_lock(db):
         if not db.table_exists(SchemaInfo._meta.table_name):
             if db.get_tables():
                 raise DatabaseVersionError(

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import peewee as pw
 
-from webaims_tui.engine.db import connect
+from webaims_tui.engine.db import connect, schema_lock
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +156,19 @@ class Linkage:
         if self._ready:
             return
         self._db.connect(reuse_if_open=True)
-        self._db.execute_sql(
-            "CREATE TABLE IF NOT EXISTS linkage ("
-            " kind VARCHAR(64) NOT NULL,"
-            " original VARCHAR(1024) NOT NULL,"
-            " pseudonym VARCHAR(128) NOT NULL,"
-            " created_at VARCHAR(32) NOT NULL,"
-            " PRIMARY KEY (kind, original))"
-        )
-        self._db.execute_sql("CREATE INDEX IF NOT EXISTS linkage_pseudonym ON linkage (pseudonym)")
+        # Nodes sharing a PostgreSQL linkage database may start together: serialise the DDL.
+        with schema_lock(self._db):
+            self._db.execute_sql(
+                "CREATE TABLE IF NOT EXISTS linkage ("
+                " kind VARCHAR(64) NOT NULL,"
+                " original VARCHAR(1024) NOT NULL,"
+                " pseudonym VARCHAR(128) NOT NULL,"
+                " created_at VARCHAR(32) NOT NULL,"
+                " PRIMARY KEY (kind, original))"
+            )
+            self._db.execute_sql(
+                "CREATE INDEX IF NOT EXISTS linkage_pseudonym ON linkage (pseudonym)"
+            )
         self._ready = True
 
     def record(self, kind: str, original: str, pseudonym: str) -> None:
