@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import os
 import statistics
 import subprocess
@@ -80,6 +81,33 @@ class LagProbe:
         )
 
 
+class GCPauses:
+    """Records how long each garbage collection takes (a full one can stall the event loop)."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._started)
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def report(self) -> str:
+        parts = []
+        for generation, pauses in self.pauses.items():
+            if pauses:
+                parts.append(
+                    f"gen{generation}: {len(pauses)} runs, worst {max(pauses) * 1000:.1f} ms"
+                )
+        return "garbage collections: " + (", ".join(parts) or "none")
+
+
 def _make_burst(folder: Path, count: int) -> list[Path]:
     """``count`` copies of CT_small with fresh UIDs (one study, one series)."""
     import pydicom.data
@@ -119,6 +147,7 @@ async def bench_lag(instances: int) -> None:
             await idle.stop()
             print(f"idle:  {idle.report()}")
 
+            gc_pauses = GCPauses()
             probe = LagProbe()
             probe.start()
             started = time.perf_counter()
@@ -147,6 +176,8 @@ async def bench_lag(instances: int) -> None:
                 f"quarantined {app.activity.quarantined} after {ingested:.2f}s"
             )
             print(f"burst: {probe.report()}")
+            print(f"burst: {gc_pauses.report()}")
+            gc_pauses.close()
             await pilot.press("q")
 
 
