@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from textual.widgets import Button, DataTable, Input, Label, Static
 
 from tests.ui.conftest import SIZE, started, wait_until
@@ -11,6 +12,9 @@ from webaims_tui.app import WebaimsApp
 from webaims_tui.config import Settings
 from webaims_tui.screens.node_form import NodeFormScreen
 from webaims_tui.screens.nodes import NodesScreen
+
+# Each drives a whole running app (engine, threads, dialogs): several seconds on 2 cores.
+pytestmark = pytest.mark.slow
 
 
 def _cell(table: DataTable[object], row: int, column: str) -> str:

@@ -440,10 +440,11 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
         if level == "PATIENT":
             columns = ["✓", "Patient", "Patient ID", "Birth", "Sex", "Studies", "Archive"]
         elif level == "STUDY":
-            columns = ["✓", "Date", "Patient", "Patient ID", "Mod", "Description", "Acc"]
-            columns += ["Ser", "Img", "Archive"]
+            # Archive state early: it must show at 80 columns.
+            columns = ["✓", "Archive", "Date", "Patient", "Patient ID", "Mod", "Description"]
+            columns += ["Acc", "Ser", "Img"]
         else:
-            columns = ["✓", "Patient ID", "No", "Mod", "Description", "Img", "Archive"]
+            columns = ["✓", "Archive", "Patient ID", "No", "Mod", "Description", "Img"]
         for column in columns:
             table.add_column(column, key=column)
 
@@ -461,6 +462,7 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
             expander = "▾" if entry.expanded else "▸"
             return [
                 mark,
+                archive,
                 f"{expander}{row.study_date}",
                 row.patient_name,
                 row.patient_id,
@@ -469,13 +471,13 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
                 row.accession_number,
                 count(row.series),
                 count(row.instances),
-                archive,
             ]
         if isinstance(row, qr.SeriesRow):
             if entry.depth:
                 # A series under an expanded study, in the study table's columns.
                 return [
                     mark,
+                    archive,
                     "  └",
                     "",
                     f"series {count(row.series_number)}",
@@ -484,18 +486,17 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
                     "",
                     "",
                     count(row.instances),
-                    archive,
                 ]
             return [
                 mark,
+                archive,
                 row.patient_id,
                 count(row.series_number),
                 row.modality,
                 row.description,
                 count(row.instances),
-                archive,
             ]
-        return [mark, row.patient_id, count(row.instance_number), "", "", "", archive]
+        return [mark, archive, row.patient_id, count(row.instance_number), "", "", ""]
 
     def visible_entries(self) -> list[ResultEntry]:
         shown: list[ResultEntry] = []
@@ -875,7 +876,9 @@ class RetrieveRow(Horizontal):
         bar = self.query_one(ProgressBar)
         total = job.total
         done = job.completed + job.failed + job.warning
-        if job.state in ("done", "failed", "cancelled") and total is None:
+        if job.state != "running" and total is None:
+            # Only a running retrieve without counts yet pulses (indeterminate); a queued or
+            # ended one shows a still bar.
             total = max(done, 1)
         bar.update(total=total, progress=done)
         counts = f"{job.completed} ok"

@@ -151,7 +151,7 @@ class PreviewScreen(Screen[None]):
         if self.app.is_headless:
             field.cursor_blink = False
         table = self.query_one("#preview-table", DataTable)
-        for column in ("Tag", "Keyword", "Before", "After", "Rule"):
+        for column in ("Tag", "Keyword", "Before", "After", "By", "Action"):
             table.add_column(column, key=column)
         table.focus()
         self.run_preview(self.source)
@@ -206,6 +206,8 @@ class PreviewScreen(Screen[None]):
         table.clear()
         changed = [c for c in report.changes if c.changed]
         by_rules = [c for c in changed if c.rule.startswith("rule ")]
+        # Before and after side by side must fit 80 columns next to the tag and keyword.
+        width = 18 if self.app.size.width < 110 else 32
         for change in report.changes if self.show_all else changed:
             # The edited rules' own effects stand out from the profile's.
             style = "bold yellow" if change.rule.startswith("rule ") else ""
@@ -213,10 +215,11 @@ class PreviewScreen(Screen[None]):
                 style = "dim"
             table.add_row(
                 change.tag,
-                change.keyword or change.path,
-                Text(_short(change.before), style="red" if change.changed else ""),
-                Text(_short(change.after), style="green" if change.changed else ""),
-                Text(change.rule, style=style),
+                _short(change.keyword or change.path, width),
+                Text(_short(change.before, width), style="red" if change.changed else ""),
+                Text(_short(change.after, width), style="green" if change.changed else ""),
+                Text(_acted_by(change.rule), style=style),
+                change.action,
             )
         verdict = self.query_one("#preview-verdict", Static)
         summary = (
@@ -233,10 +236,18 @@ class PreviewScreen(Screen[None]):
         verdict.set_class(report.refused is None, "-clean")
 
 
-def _short(value: str | None) -> str:
+def _short(value: str | None, width: int = 32) -> str:
     if value is None:
         return "—"
-    return value if len(value) <= 40 else value[:39] + "…"
+    return value if len(value) <= width else value[: width - 1] + "…"
+
+
+def _acted_by(label: str) -> str:
+    """ "rule 2" for the rule set's own rules, "profile" for the PS3.15 profile's."""
+    match = _RULE_WHERE.match(label)
+    if match:
+        return f"rule {match.group(1)}"
+    return label.split(" ", 1)[0] if label else ""
 
 
 class RulesScreen(Screen[None]):
@@ -314,7 +325,7 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
         for column in ("", "Rule set", "v"):
             sets.add_column(column, key=column or "active")
         table = self.query_one("#rules-table", DataTable)
-        for column in ("#", "Match", "Action", "Argument", "Comment", "Problem"):
+        for column in ("#", "!", "Match", "Action", "Argument", "Comment"):
             table.add_column(column, key=column)
         self.show_draft()
         table.focus()
@@ -411,7 +422,8 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
         self.render_rules()
 
     def render_rules(self) -> None:
-        self.errors = rules.validate(self.draft)
+        # The engine's own validation (pure: no database), run on every change.
+        self.errors = self.webaims.engine.check_rule_set(self.draft)
         by_rule, others = errors_by_rule(self.errors)
         table = self.query_one("#rules-table", DataTable)
         cursor = table.cursor_row
@@ -420,18 +432,23 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
             problems = by_rule.get(index, [])
             table.add_row(
                 str(index + 1),
+                Text("✗", style="bold red") if problems else "",
                 rule.match,
                 rule.action,
                 rule_argument(rule),
                 rule.comment,
-                Text("✗ " + "; ".join(problems), style="bold red") if problems else "",
             )
         if table.row_count:
             table.move_cursor(row=min(max(cursor, 0), table.row_count - 1))
-        rule_errors = sum(len(v) for v in by_rule.values())
-        lines = [f"✗ {e}" for e in others]
-        if rule_errors:
-            lines.insert(0, f"✗ {rule_errors} problem(s) in the rules: saving is blocked")
+        # The reasons, numbered like the rows they belong to (marked ✗ in the table).
+        lines = [
+            f"✗ rule {index + 1}: {reason}"
+            for index, reasons in sorted(by_rule.items())
+            for reason in reasons
+        ]
+        lines += [f"✗ {e}" for e in others]
+        if lines:
+            lines.append("saving is blocked until these are fixed")
         self.query_one("#rules-errors", Static).update("\n".join(lines))
         self.show_state()
 
@@ -441,9 +458,9 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
         if loaded is None:
             text.append("new draft (not stored)")
         else:
-            text.append(f"{loaded.name} v{loaded.version}")
+            text.append(f"{loaded.name} v{loaded.version} ")
             if any(s.id == loaded.id and s.active for s in self.stored) or loaded.active:
-                text.append(" ● active", style="green")
+                text.append("● active", style="green")
         text.append(f" · {len(self.draft.rules)} rules")
         if self.dirty:
             text.append(" · unsaved changes", style="bold yellow")

@@ -113,7 +113,8 @@ the Rules screen (4). Other settings need the config file edited and a restart."
 
     def on_mount(self) -> None:
         table = self.query_one("#settings-table", DataTable)
-        for column in ("Setting", "Value", "Source", "Change"):
+        # The value last: it is the long one (paths), and source and change must show at 80.
+        for column in ("Setting", "Source", "Change", "Value"):
             table.add_column(column, key=column)
         table.focus()
         self.show(self.webaims.engine.settings, "…")
@@ -141,7 +142,7 @@ the Rules screen (4). Other settings need the config file edited and a restart."
         table.clear()
         for key, value, source, how in setting_rows(settings, active_rules):
             style = "green" if how.startswith("live") else "dim"
-            table.add_row(key, value, source, Text(how, style=style), key=key)
+            table.add_row(key, source, Text(how, style=style), value, key=key)
         if table.row_count:
             table.move_cursor(row=min(cursor, table.row_count - 1))
 

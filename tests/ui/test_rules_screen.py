@@ -1,0 +1,119 @@
+"""Pilot tests of the rule editor: validation blocks saving, preview, save, activate."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from textual.widgets import Button, DataTable, Input, Label, Select, Static
+
+from tests.ui.archive import TEST_FILES
+from tests.ui.conftest import SIZE, wait_until
+from webaims_tui.app import WebaimsApp
+from webaims_tui.config import Settings, ensure_folders
+from webaims_tui.screens.dialogs import ConfirmScreen
+from webaims_tui.screens.rule_form import RuleFormScreen
+from webaims_tui.screens.rules import PreviewScreen, RulesScreen
+
+# Each drives a whole running app (engine, threads, dialogs): several seconds on 2 cores.
+pytestmark = pytest.mark.slow
+
+
+def _render(widget: Static | Label) -> str:
+    return str(widget.render())
+
+
+async def test_edit_invalid_then_valid_preview_save_activate(settings: Settings) -> None:
+    ensure_folders(settings)
+    # Two originals wait in incoming/ (no server, no autoloader): the activation applies to them.
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copyfile(TEST_FILES / name, settings.paths.incoming / name)
+    app = WebaimsApp(settings, start_server=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.engine_ready, "the engine")
+        await pilot.press("4")
+        screen = app.screen
+        assert isinstance(screen, RulesScreen)
+        assert len(screen.draft.rules) == 2  # the built-in default, not stored yet
+
+        # Add a rule: the keyword picker completes "PatientBir" to PatientBirthDate.
+        await pilot.press("a")
+        form = app.screen
+        assert isinstance(form, RuleFormScreen)
+        await pilot.press(*"PatientBir", "right")
+        assert form.query_one("#rule-match", Input).value == "PatientBirthDate"
+        assert "(0010,0030)" in _render(form.query_one("#rule-element", Label))
+        form.query_one("#rule-action", Select).value = "set"
+        form.query_one("#rule-value", Input).value = "1990"
+        await pilot.pause()
+        problems = _render(form.query_one("#rule-problems", Label))
+        assert "not a DICOM date" in problems
+        assert form.query_one("#save", Button).disabled
+        await pilot.press("ctrl+s")
+        assert app.screen is form  # blocked
+        form.query_one("#rule-value", Input).value = "19000101"
+        await pilot.pause()
+        assert not form.query_one("#save", Button).disabled
+        await pilot.press("ctrl+s")
+        assert app.screen is screen
+        # Inserted after the rule under the cursor (the first one).
+        assert [r.match for r in screen.draft.rules][1] == "PatientBirthDate"
+        assert screen.dirty and not screen.errors
+
+        # An invalid draft (no name) shows the error and blocks saving.
+        screen.query_one("#rules-name", Input).value = ""
+        await pilot.pause()
+        assert "name: must not be empty" in _render(screen.query_one("#rules-errors", Static))
+        screen.query_one("#rules-table", DataTable).focus()
+        await pilot.press("ctrl+s")
+        assert "Not saved" in _render(screen.query_one("#rules-message", Static))
+        assert app.engine.rule_sets() == []
+        screen.query_one("#rules-name", Input).value = "study-x"
+        await pilot.pause()
+        assert not screen.errors
+
+        # Preview on a file waiting in incoming/: the new rule (2) writes the birth date.
+        screen.query_one("#rules-table", DataTable).focus()
+        await pilot.press("p")
+        await wait_until(pilot, lambda: isinstance(app.screen, PreviewScreen), "the preview")
+        preview = app.screen
+        assert isinstance(preview, PreviewScreen)
+        await wait_until(pilot, lambda: preview.report is not None, "the dry run")
+        assert preview.report is not None
+        birth = next(c for c in preview.report.changes if c.keyword == "PatientBirthDate")
+        assert birth.after == "19000101" and birth.rule.startswith("rule 2 ")
+        verdict = _render(preview.query_one("#preview-verdict", Static))
+        assert "Residual-PHI check: clean" in verdict or "QUARANTINE" in verdict
+        assert "by the rule set's own rules" in verdict
+        await pilot.press("escape")
+        assert app.screen is screen
+
+        # Nothing was written so far; save makes version 1 (not active).
+        assert app.engine.rule_sets() == []
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: screen.loaded is not None, "the save")
+        assert screen.loaded is not None
+        assert (screen.loaded.name, screen.loaded.version) == ("study-x", 1)
+        assert not any(s.active for s in app.engine.rule_sets())
+
+        # Activate asks first and says what it applies to.
+        await pilot.press("A")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question")
+        confirm = app.screen
+        assert isinstance(confirm, ConfirmScreen)
+        assert "2 file(s) waiting in incoming/" in confirm.question
+        await pilot.press("y")
+        await wait_until(
+            pilot,
+            lambda: any(s.active and s.name == "study-x" for s in app.engine.rule_sets()),
+            "the activation",
+        )
+        await wait_until(
+            pilot,
+            lambda: "is active" in _render(screen.query_one("#rules-message", Static)),
+            "the message",
+        )
+        assert app.engine.anonymizer is not None
+        sets = screen.query_one("#rule-sets", DataTable)
+        await wait_until(pilot, lambda: sets.row_count == 1, "the stored list")
+        assert "●" in str(sets.get_cell_at((0, 0)))
