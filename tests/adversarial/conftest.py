@@ -33,3 +33,15 @@ def start_engine(make_settings: SettingsFactory, events: EventRecorder) -> Itera
 def port_of(engine: Engine) -> int:
     assert engine.server is not None
     return engine.server.port
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_dies(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test when any thread (pynetdicom's or ours) died of an uncaught exception."""
+    from tests.adversarial.fuzzing import uncaught_thread_exceptions
+
+    crashes: list[str] = []
+    with uncaught_thread_exceptions(crashes):
+        yield
+    if crashes:
+        pytest.fail(f"uncaught exceptions in threads: {crashes}")

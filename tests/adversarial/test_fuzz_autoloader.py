@@ -61,7 +61,8 @@ class Harness:
         if isinstance(outcome, Prepared):
             self._check_prepared(data, outcome)
         elif isinstance(outcome, Postponed):
-            self._keep(data, f"postponed a file that was readable: {outcome.detail}")
+            # Postponed means "retry later" (disk full): a malformed file would wait forever.
+            self._keep(data, f"postponed a malformed file: {outcome.detail}")
         (self.incoming / name).unlink(missing_ok=True)
 
     def _check_prepared(self, data: bytes, outcome: Prepared) -> None:
@@ -124,11 +125,26 @@ def test_mutated_files_are_prepared_or_refused_never_raise(harness: Harness) -> 
     )
 
 
-@pytest.mark.parametrize(
-    "path", sorted(REGRESSIONS.glob("autoloader-*.dcm")) or [None], ids=lambda p: p and p.name
-)
-def test_regression_files(harness: Harness, path: Path | None) -> None:
-    if path is None:
-        pytest.skip("no regression file")
+#: Regression files of bugs still open in the autoloader (not this suite's code): strict xfail,
+#: so the fix shows up as an XPASS and the entry is removed.
+OPEN_BUGS = {
+    "autoloader-1aaa2bd1ddb15b72.dcm": "pydicom's OSError 'No tag to read' is taken for an I/O "
+    "error: the malformed file is postponed (retried forever), not quarantined",
+    "autoloader-1bf86efcaacee85c.dcm": "same as autoloader-1aaa2bd1ddb15b72",
+}
+
+
+def _regression_params() -> list[object]:
+    params: list[object] = []
+    for path in sorted(REGRESSIONS.glob("autoloader-*.dcm")):
+        marks = []
+        if path.name in OPEN_BUGS:
+            marks.append(pytest.mark.xfail(reason=OPEN_BUGS[path.name], strict=True))
+        params.append(pytest.param(path, marks=marks, id=path.name))
+    return params
+
+
+@pytest.mark.parametrize("path", _regression_params())
+def test_regression_files(harness: Harness, path: Path) -> None:
     harness.run(path.read_bytes())
     assert not harness.bugs, harness.bugs
