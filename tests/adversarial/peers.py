@@ -159,7 +159,7 @@ def make_instance(pixel_bytes: int, sop_instance_uid: str | None = None) -> Data
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "OT"
-    columns = 1000
+    columns = max(1000, -(-pixel_bytes // 65535))  # Rows is a US
     ds.Rows, ds.Columns = max(1, pixel_bytes // columns), columns
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit = 7
