@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zipfile
 
+import pytest
 from textual.widgets import DataTable, Tree
 
 from tests.ui.archive import FIXED_TIME, FilledArchive
@@ -97,6 +98,7 @@ async def test_drill_down_to_an_instance_tag_dump_and_preview(
         await _loaded(pilot, screen, "patient", 3)
 
 
+@pytest.mark.slow
 async def test_sequences_expand_and_frames_step(settings: Settings, filled: FilledArchive) -> None:
     app = WebaimsApp(settings)
     async with app.run_test(size=SIZE) as pilot:
@@ -135,6 +137,7 @@ async def test_sequences_expand_and_frames_step(settings: Settings, filled: Fill
         assert str(node.children[0].label) == "Item 1"
 
 
+@pytest.mark.slow
 async def test_search_by_modality_and_date_and_sort(
     settings: Settings, filled: FilledArchive
 ) -> None:
@@ -204,6 +207,7 @@ async def test_export_a_patient_to_a_folder_and_to_a_zip(
             )
 
 
+@pytest.mark.slow
 async def test_delete_asks_and_cancel_keeps_everything(
     settings: Settings, filled: FilledArchive
 ) -> None:
@@ -274,6 +278,7 @@ async def test_reanonymize_says_when_it_is_not_available(
             assert any("not available yet" in m for m in _notifications(app))
 
 
+@pytest.mark.slow
 async def test_pages_turn_with_brackets(settings: Settings) -> None:
     from webaims_tui.config import ensure_folders
 

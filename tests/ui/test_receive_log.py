@@ -33,6 +33,7 @@ def _lines(view: ActivityView) -> list[str]:
     return [view.line_text(index) for index in range(view.line_count)]
 
 
+@pytest.mark.slow
 async def test_log_shows_an_association_expands_filters_pauses_and_clears(
     settings: Settings,
 ) -> None:
@@ -146,6 +147,7 @@ async def test_help_lists_the_keys_of_the_current_screen(settings: Settings) -> 
         assert isinstance(app.screen, BrowserScreen)
 
 
+@pytest.mark.slow
 async def test_quit_asks_first_while_an_association_is_open(settings: Settings) -> None:
     app = WebaimsApp(settings)
     async with app.run_test(size=SIZE) as pilot:

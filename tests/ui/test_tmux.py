@@ -74,8 +74,10 @@ def test_the_app_renders_answers_keys_and_quits_cleanly(tmp_path: Path) -> None:
         f"--host 127.0.0.1 --port {port}; echo {marker}:$?; sleep 60"
     )
     terminal = Terminal(f"webaims-test-{uuid.uuid4().hex[:8]}", "app")
+    # Textual takes COLUMNS/LINES over the real terminal size, and pytest may have set them.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     environment = {
-        **os.environ,
+        **inherited,
         "TERM": "xterm-256color",
         "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
         "XDG_DATA_HOME": str(tmp_path / "xdg-data"),
