@@ -95,7 +95,7 @@ async def _ready(pilot: Pilot[None], key: str) -> WebaimsApp:
     return app
 
 
-STUDIES = [
+STUDIES: list[qr.StudyRow] = [
     qr.StudyRow(
         patient_id="QRP001",
         patient_name="QR^ALPHA",
@@ -151,7 +151,8 @@ async def _query(pilot: Pilot[None]) -> None:
     assert isinstance(screen, QueryScreen)
     await wait_until(pilot, lambda: screen.node_name is not None, "the nodes")
     screen.query_one("#qr-node", Select).value = "pacs-main"
-    screen.show_results("pacs-main", "STUDY", qr.FindResult(STUDIES, 0, elapsed=0.4))
+    rows: list[qr.Row] = [*STUDIES]
+    screen.show_results("pacs-main", "STUDY", qr.FindResult(rows, 0, elapsed=0.4))
     screen.set_archive_state(STUDIES[0].study_instance_uid, 5, 5)
     screen.set_archive_state(STUDIES[1].study_instance_uid, 0, 4)
     screen.set_archive_state(STUDIES[2].study_instance_uid, 120, 300)

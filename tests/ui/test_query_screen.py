@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 import pytest
 from textual.pilot import Pilot
@@ -18,9 +19,8 @@ from tests.interop.conftest import ORTHANC_AE, Orthanc, orthanc  # noqa: F401
 from tests.ui.conftest import SIZE, started, wait_until
 from webaims_tui.app import WebaimsApp
 from webaims_tui.config import Settings
+from webaims_tui.engine import qr
 from webaims_tui.screens.query import QueryScreen, RetrieveRow
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -63,6 +63,7 @@ async def _query(pilot: Pilot[None], screen: QueryScreen, **fields: str) -> Data
     return table
 
 
+@pytest.mark.slow
 async def test_query_expand_retrieve_with_progress_and_archive_state(
     settings: Settings, pacs: Orthanc
 ) -> None:
@@ -114,6 +115,7 @@ async def test_query_expand_retrieve_with_progress_and_archive_state(
         assert "nothing to fetch" in second.message
 
 
+@pytest.mark.slow
 async def test_cancel_a_large_retrieve(settings: Settings, pacs: Orthanc) -> None:
     app = WebaimsApp(settings)
     async with app.run_test(size=SIZE) as pilot:
@@ -142,6 +144,7 @@ async def test_cancel_a_large_retrieve(settings: Settings, pacs: Orthanc) -> Non
         assert second.state == "done", second.message
 
 
+@pytest.mark.slow
 async def test_unreachable_node_and_unknown_move_destination_are_explained(
     settings: Settings, pacs: Orthanc
 ) -> None:
@@ -170,3 +173,52 @@ async def test_unreachable_node_and_unknown_move_destination_are_explained(
         assert job.state == "failed"
         assert "does not know the destination" in job.message
         assert "failed" in _text(screen, "#qr-message")
+
+
+async def test_form_quick_dates_validation_and_sort(settings: Settings) -> None:
+    app = WebaimsApp(settings, clock=lambda: datetime(2026, 12, 3, 10, 0), start_server=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.engine_ready, "the engine")
+        app.engine.add_node("pacs", ae_title="PACS", host="127.0.0.1", port=104)
+        screen = await _open_query(app, pilot, "pacs")
+        date_field = screen.query_one("#qr-date", Input)
+        await pilot.press("f2")
+        assert date_field.value == "20261203"
+        await pilot.press("f3")
+        assert date_field.value == "20261127-20261203"
+        await pilot.press("f6")
+        assert date_field.value == ""
+
+        # A bad key never reaches the network: the message names the field.
+        date_field.value = "2026-12-01"
+        await pilot.press("ctrl+f")
+        message = _text(screen, "#qr-message")
+        assert "study_date" in message and "YYYYMMDD" in message
+        assert screen.query_one("#qr-message").has_class("-error")
+
+        # Patient Root offers the PATIENT level; Study Root does not.
+        model = screen.query_one("#qr-model", Select)
+        model.value = "patient"
+        await pilot.pause()
+        level = screen.query_one("#qr-level", Select)
+        level.value = "PATIENT"
+        model.value = "study"
+        await pilot.pause()
+        assert level.value == "STUDY"
+
+        # Results sort by date (newest first), then s cycles: date ascending, then patient.
+        rows: list[qr.Row] = [
+            qr.StudyRow("P1", "B^B", "", f"1.2.3.{n}", date, "", "", "", "", ("CT",), 1, 1)
+            for n, date in enumerate(["20240101", "20250101", "20230101"])
+        ]
+        screen.show_results("pacs", "STUDY", qr.FindResult(rows, 0))
+        assert [e.row.study_date for e in screen.entries] == [  # type: ignore[union-attr]
+            "20250101",
+            "20240101",
+            "20230101",
+        ]
+        await pilot.press("s")
+        assert screen.entries[0].row.study_date == "20230101"  # type: ignore[union-attr]
+        assert "sort date↑" in _text(screen, "#qr-counts")
+        await pilot.press("space")
+        assert "1 selected" in _text(screen, "#qr-counts")

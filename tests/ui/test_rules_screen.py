@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from textual.coordinate import Coordinate
 from textual.widgets import Button, DataTable, Input, Label, Select, Static
 
 from tests.ui.archive import TEST_FILES
@@ -116,4 +117,4 @@ async def test_edit_invalid_then_valid_preview_save_activate(settings: Settings)
         assert app.engine.anonymizer is not None
         sets = screen.query_one("#rule-sets", DataTable)
         await wait_until(pilot, lambda: sets.row_count == 1, "the stored list")
-        assert "●" in str(sets.get_cell_at((0, 0)))
+        assert "●" in str(sets.get_cell_at(Coordinate(0, 0)))
