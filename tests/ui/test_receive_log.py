@@ -270,3 +270,28 @@ async def test_a_burst_of_1000_instances_is_absorbed_and_coalesced(
             f"\n1,000-instance burst: absorbed in {elapsed:.2f}s, "
             f"worst event-loop lag {worst * 1000:.1f} ms"
         )
+
+
+async def test_low_free_disk_space_turns_the_throughput_line_to_a_warning(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings("[display]\nfree_disk_warning_mb = 1024\n")
+    app = WebaimsApp(settings, start_server=False, disk_free=lambda _path: 100 * 1024 * 1024)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.free_disk_bytes is not None, "the disk check")
+        await pilot.pause(0.3)
+        assert app.disk_low
+        assert app.screen.has_class("-disk-low")
+        assert "100.0 MB free" in str(app.screen.query_one("#throughput").render())
+
+
+async def test_the_command_palette_lists_the_screens(settings: Settings) -> None:
+    app = WebaimsApp(settings, start_server=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.engine_ready, "the database")
+        titles = [command.title for command in app.get_system_commands(app.screen)]
+        assert "Log (1)" in titles and "Browse (2)" in titles
+        browse = next(c for c in app.get_system_commands(app.screen) if c.title == "Browse (2)")
+        browse.callback()
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, BrowserScreen)
