@@ -162,6 +162,19 @@ async def test_unreachable_node_and_unknown_move_destination_are_explained(
         message = _text(screen, "#qr-message")
         assert "refused" in message.lower() and "Check that the PACS runs" in message
 
+        # Orthanc answers only to its own AE title: a wrong called AE title is rejected, and
+        # the screen says which title to check.
+        app.engine.add_node(
+            "wrongae", ae_title="NOTORTHANC", host="127.0.0.1", port=pacs.dicom_port
+        )
+        screen.load_nodes()
+        await wait_until(pilot, lambda: len(screen.nodes) == 3, "the new node")
+        screen.query_one("#qr-node", Select).value = "wrongae"
+        await pilot.press("ctrl+f")
+        await wait_until(pilot, lambda: "rejected" in _text(screen, "#qr-message"), "rejection")
+        assert "'NOTORTHANC'" in _text(screen, "#qr-message")
+        assert "What to do" in _text(screen, "#qr-message")
+
         # Orthanc does not know our AE (no pacs.knows): the C-MOVE is refused and explained.
         screen.query_one("#qr-node", Select).value = "orthanc"
         table = await _query(pilot, screen, id="QRP002")

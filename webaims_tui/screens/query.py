@@ -847,6 +847,8 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
     def explain(self, kind: str, message: str) -> None:
         """A failure with what happened (the engine's words) and the next step to take."""
         step = NEXT_STEP.get(kind, "")
+        if "what to do" in message.lower():
+            step = ""  # the engine's explanation already says what to do
         self.say(f"{message}  → {step}" if step else message, error=True)
 
 
