@@ -110,12 +110,18 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         keys = Text()
         seen: set[str] = set()
-        for _node, binding, _enabled, _tooltip in self.for_screen.active_bindings.values():
+
+        def rank(node: object) -> int:
+            # The screen's own keys first, then the app's, then the focused widget's navigation.
+            return 0 if node is self.for_screen else 1 if node is self.app else 2
+
+        active = sorted(self.for_screen.active_bindings.values(), key=lambda a: rank(a.node))
+        for _node, binding, _enabled, _tooltip in active:
             if not binding.description or binding.description in seen:
                 continue
             seen.add(binding.description)
             key = self.app.get_key_display(binding)
-            keys.append(f"{key:>10}  ", style="bold")
+            keys.append(f"{key:>12}  ", style="bold")
             keys.append(f"{binding.description}\n")
         with VerticalScroll(classes="dialog-body help-body"):
             yield Static(self.help_text, classes="help-text")
