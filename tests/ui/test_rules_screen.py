@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from textual.coordinate import Coordinate
@@ -12,9 +13,10 @@ from tests.ui.archive import TEST_FILES
 from tests.ui.conftest import SIZE, wait_until
 from webaims_tui.app import WebaimsApp
 from webaims_tui.config import Settings, ensure_folders
+from webaims_tui.engine import rules
 from webaims_tui.screens.dialogs import ConfirmScreen
 from webaims_tui.screens.rule_form import RuleFormScreen
-from webaims_tui.screens.rules import PreviewScreen, RulesScreen
+from webaims_tui.screens.rules import PathScreen, PreviewScreen, RulesScreen
 
 # Each drives a whole running app (engine, threads, dialogs): several seconds on 2 cores.
 pytestmark = pytest.mark.slow
@@ -118,3 +120,43 @@ async def test_edit_invalid_then_valid_preview_save_activate(settings: Settings)
         sets = screen.query_one("#rule-sets", DataTable)
         await wait_until(pilot, lambda: sets.row_count == 1, "the stored list")
         assert "●" in str(sets.get_cell_at(Coordinate(0, 0)))
+
+
+async def test_export_and_import_toml(settings: Settings, tmp_path: Path) -> None:
+    app = WebaimsApp(settings, start_server=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.engine_ready, "the engine")
+        await pilot.press("4")
+        screen = app.screen
+        assert isinstance(screen, RulesScreen)
+        message = screen.query_one("#rules-message", Static)
+        target = tmp_path / "exported.toml"
+
+        await pilot.press("x")
+        assert isinstance(app.screen, PathScreen)
+        app.screen.query_one(Input).value = str(target)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: target.exists(), "the export")
+        assert rules.loads(target.read_text()) == screen.draft
+
+        # No file is overwritten.
+        await pilot.press("x")
+        app.screen.query_one(Input).value = str(target)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: "exists" in _render(message), "the refusal")
+
+        # An edited file comes back into the draft, unsaved; an invalid one is refused.
+        target.write_text(target.read_text().replace('name = "default"', 'name = "imported"'))
+        await pilot.press("i")
+        app.screen.query_one(Input).value = str(target)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.draft.name == "imported", "the import")
+        assert screen.dirty and screen.loaded is None
+        broken = tmp_path / "broken.toml"
+        broken.write_text('name = "x"\n[[rules]]\nmatch = "NoSuchKeyword"\naction = "remove"\n')
+        await pilot.press("i")
+        app.screen.query_one(Input).value = str(broken)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: "Not imported" in _render(message), "the refusal")
+        assert "NoSuchKeyword" in _render(message)
+        assert screen.draft.name == "imported"
