@@ -131,6 +131,9 @@ OPEN_BUGS = {
     "autoloader-1aaa2bd1ddb15b72.dcm": "pydicom's OSError 'No tag to read' is taken for an I/O "
     "error: the malformed file is postponed (retried forever), not quarantined",
     "autoloader-1bf86efcaacee85c.dcm": "same as autoloader-1aaa2bd1ddb15b72",
+    "autoloader-c896c8d9214ce569.dcm": "prepare() raises NotImplementedError: an unknown VR in "
+    "(0002,0016) Source AE Title is decoded outside its try block (the calling AE lookup); "
+    "reachable through webaims-tui import (the SCP writes that element itself, correctly)",
 }
 
 
