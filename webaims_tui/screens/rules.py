@@ -43,6 +43,7 @@ PROFILE_SWITCHES: tuple[tuple[str, str], ...] = (
     ("retain_patient_characteristics", "Retain patient characteristics"),
     ("clean_descriptors", "Clean descriptors"),
 )
+PROFILE_LABELS = {"basic": "basic profile", "none": "rules only"}
 _RULE_WHERE = re.compile(r"^rule (\d+) ")
 
 
@@ -258,7 +259,8 @@ class RulesScreen(Screen[None]):
 [b]Anonymization rules[/b]
 Left: every stored rule set version (● = active). Enter on one loads it into the editor.
 Right: the draft. Its name (saving under a new name starts a new rule set), the profile
-switches (space toggles), the rules in order (the first rule matching an element decides;
+(basic: PS3.15 Basic Profile; none: only the rules), date handling, the option switches
+(space toggles), the rules in order (the first rule matching an element decides;
 the profile acts where no rule does). a adds a rule, e or enter edits, d deletes,
 K/J (shift+up/down) move it. Errors show beside the rule and block saving.
 p previews the draft on an archived instance (#id) or a file: before/after and the
@@ -304,6 +306,12 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
             with Vertical(id="rules-editor"):
                 with Horizontal(id="rules-name-bar"):
                     yield Input(self.draft.name, placeholder="rule set name", id="rules-name")
+                    yield Select[str](
+                        [(PROFILE_LABELS.get(p, p), p) for p in rules.PROFILES],
+                        value=self.draft.profile.name,
+                        allow_blank=False,
+                        id="rules-profile",
+                    )
                     yield Select[str](
                         [(f"dates: {c}", c) for c in rules.LONGITUDINAL_CHOICES],
                         value=self.draft.profile.retain_longitudinal,
@@ -405,6 +413,7 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
         """Everything the editor shows from ``self.draft`` (after a load or an import)."""
         self.query_one("#rules-name", Input).value = self.draft.name
         self.query_one("#rules-longitudinal", Select).value = self.draft.profile.retain_longitudinal
+        self.query_one("#rules-profile", Select).value = self.draft.profile.name
         options = self.query_one("#profile-options", SelectionList)
         options.clear_options()
         options.add_options(
@@ -478,6 +487,13 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
         value = str(event.value)
         if value != self.draft.profile.retain_longitudinal:
             profile = dataclasses.replace(self.draft.profile, retain_longitudinal=value)
+            self.change(dataclasses.replace(self.draft, profile=profile))
+
+    @on(Select.Changed, "#rules-profile")
+    def profile_changed(self, event: Select.Changed) -> None:
+        value = str(event.value)
+        if value != self.draft.profile.name:
+            profile = dataclasses.replace(self.draft.profile, name=value)
             self.change(dataclasses.replace(self.draft, profile=profile))
 
     @on(SelectionList.SelectedChanged, "#profile-options")
