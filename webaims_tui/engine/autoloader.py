@@ -738,7 +738,7 @@ class Autoloader:
         self._batch_studies.clear()
         if places:
             try:
-                with db.database.atomic():
+                with _write_transaction():
                     created = self._index(places)
             except pw.PeeweeException as exc:
                 log.warning("batch index failed (%s); indexing one by one", type(exc).__name__)
@@ -1058,7 +1058,7 @@ class Autoloader:
         two nodes fill one record at once, whichever recounts last is right.
         """
         try:
-            with db.database.atomic():
+            with _write_transaction():
                 self._update_study_modalities(self._batch_studies)
                 self._update_records(self._batch_touched_records, datetime.now())
         except pw.PeeweeException as exc:
@@ -1115,19 +1115,20 @@ class Autoloader:
         for place in places:
             name = place.item.name
             try:
-                with db.database.atomic():
+                with _write_transaction():
                     created.update(self._index([place]))
                 continue
-            except pw.IntegrityError:
-                # Most likely another node indexed the same instance a moment ago: leave the
-                # file in incoming/; the next pass sees a duplicate and decides by policy.
+            except (pw.IntegrityError, pw.OperationalError):
+                # Most likely another node indexed the same instance a moment ago (or the
+                # database was busy): leave the file in incoming/; the next pass sees a
+                # duplicate and decides by policy, or simply succeeds.
                 attempts = self._index_attempts.get(name, 0) + 1
                 self._index_attempts[name] = attempts
                 if attempts < 5:
                     self._retry_after[name] = time.time() + attempts
                     self._next_wait = 1.0
                     continue
-                detail = "the database refused the instance repeatedly (unique constraint)"
+                detail = "the database refused the instance five times (constraint or lock)"
             except pw.PeeweeException as exc:
                 detail = f"the database refused the instance: {type(exc).__name__}: {exc}"
             self._index_attempts.pop(name, None)
@@ -1283,7 +1284,7 @@ class Autoloader:
             else:
                 missing.append((row_id, record_id))
         if missing:
-            with db.database.atomic():
+            with _write_transaction():
                 ids = [row_id for row_id, _ in missing]
                 for start in range(0, len(ids), 500):
                     db.Instance.delete().where(
@@ -1351,7 +1352,7 @@ class Autoloader:
                 self._batch_new_records.clear()
                 self._batch_touched_records.clear()
                 self._batch_studies.clear()
-                with db.database.atomic():
+                with _write_transaction():
                     self._index(places)
                 self._refresh_aggregates()
                 report.adopted += len(places)
@@ -1424,6 +1425,19 @@ def _default_processes(anonymizer: Anonymizer) -> int:
     except Exception:
         return 0  # the anonymizer cannot travel to a worker process: work in the loop thread
     return min(4, cpus - 1)
+
+
+def _write_transaction() -> Any:
+    """A transaction that takes SQLite's write lock at BEGIN.
+
+    A deferred transaction that reads first and then writes fails at once with "database is
+    locked" (SQLITE_BUSY_SNAPSHOT, no busy wait) when another connection (the SCP's association
+    log) committed in between; BEGIN IMMEDIATE waits for the lock instead.
+    """
+    target = db.database.obj if isinstance(db.database, pw.DatabaseProxy) else db.database
+    if isinstance(target, pw.SqliteDatabase):
+        return target.atomic("IMMEDIATE")
+    return db.database.atomic()
 
 
 def _tuples(query: Any) -> list[tuple[Any, ...]]:
