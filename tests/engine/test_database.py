@@ -6,6 +6,7 @@ several processes (several nodes) call for the same keys at the same moment.
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from collections.abc import Iterator
 
 import peewee as pw
@@ -142,3 +143,22 @@ def test_processes_racing_for_the_same_keys_create_each_row_exactly_once(
         assert len({entry[4] for entry in entries}) == 1
         assert sum(entry[1] for entry in entries) == 1
         assert sum(entry[2] for entry in entries) == 1
+
+
+def test_threads_that_query_and_end_without_closing_do_not_exhaust_the_pool(
+    database_url: str,
+) -> None:
+    """Worker threads (the TUI's, the CLI's) often query without connection_context(): their
+    connections must come back when they end. On PostgreSQL the pool holds 16; 40 threads."""
+    if database_url.startswith("postgresql://"):
+        database_url += "?timeout=5"  # a broken pool fails in seconds, not after 30 s each
+    database = db.open_database(database_url)
+    counts: list[int] = []
+    try:
+        for _ in range(40):
+            thread = threading.Thread(target=lambda: counts.append(db.Patient.select().count()))
+            thread.start()
+            thread.join(60)
+        assert counts == [0] * 40
+    finally:
+        db.close_database(database)

@@ -8,6 +8,7 @@ autoloader; readers in threads); nothing here uses SQLite-only SQL so that Postg
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import TypeVar
 import peewee as pw
 from playhouse import db_url
 from playhouse.migrate import SchemaMigrator
-from playhouse.pool import PooledDatabase
+from playhouse.pool import PooledDatabase, PooledPostgresqlDatabase
 
 database = pw.DatabaseProxy()
 
@@ -228,13 +229,47 @@ def connect(url: str) -> pw.Database:
             },
             check_same_thread=False,
         )
-    scheme, separator, rest = url.partition("://")
+    scheme, separator, _ = url.partition("://")
     if separator and scheme in ("postgresql", "postgres"):
         # peewee opens one connection per thread; the pool lets association threads, the
         # autoloader and UI readers reuse them instead of paying a PostgreSQL backend start each
         # time. Query parameters in the URL (sslmode=..., max_connections=...) override these.
-        return db_url.connect(f"postgresql+pool://{rest}", **_pool_defaults(url))
+        parameters = {**db_url.parse(url), **_pool_defaults(url)}
+        name = parameters.pop("database")
+        if not name:
+            raise ValueError(f"{scheme}://...: no database name after the host (host/name)")
+        return ThreadAwarePool(name, **parameters)
     return db_url.connect(url)
+
+
+class ThreadAwarePool(PooledPostgresqlDatabase):
+    """A connection pool that takes back connections whose thread has ended.
+
+    peewee opens a connection for any thread that queries, and only ``close()`` (or
+    ``connection_context()``) returns it to the pool. A worker thread that queried and ended
+    without closing would hold its connection for good: measured, 15 such threads exhausted the
+    default pool and every later query waited for the pool timeout and failed.
+    """
+
+    def __init__(self, database: str, **kwargs: object) -> None:
+        self._owners: dict[int, threading.Thread] = {}
+        super().__init__(database, **kwargs)
+
+    def _connect(self) -> object:
+        with self._pool_lock:
+            self._reclaim_from_ended_threads()
+            connection = super()._connect()
+            self._owners[self.conn_key(connection)] = threading.current_thread()
+            return connection
+
+    def _reclaim_from_ended_threads(self) -> None:
+        for key, thread in list(self._owners.items()):
+            if key not in self._in_use:
+                del self._owners[key]  # returned to the pool or closed
+            elif not thread.is_alive():
+                del self._owners[key]
+                # Its transaction state is unknown: close it rather than hand it on.
+                self._close_raw(self._in_use.pop(key).connection)
 
 
 def open_database(url: str) -> pw.Database:
