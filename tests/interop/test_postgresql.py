@@ -307,3 +307,39 @@ def test_nodes_opening_a_new_linkage_database_at_once_all_succeed(
             assert database.execute_sql("SELECT count(*) FROM linkage").fetchone()[0] == 1
         finally:
             db.close_database(database)
+
+
+def test_db_copy_linkage_moves_the_pseudonym_pairs_into_postgresql(
+    tmp_path: Path, postgres_server: PostgresServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from webaims_tui.engine.linkage import Linkage
+
+    source_url = f"sqlite:///{tmp_path / 'linkage.sqlite3'}"
+    source = Linkage(source_url)
+    pairs = [("PatientID", f"ORIGINAL-{n}", f"PSEUDO-{n}") for n in range(2500)]
+    for kind, original, pseudonym in pairs:
+        source.record(kind, original, pseudonym)
+    source.close()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[paths]\nlinkage_database_url = "{source_url}"\n')
+    target_url = postgres_server.create_database("linkage")
+    command = ["db", "copy", "--linkage", "--config", str(config), "--to", target_url]
+
+    assert main(command) == 0
+    assert "2500 ->       2500  ok" in capsys.readouterr().out
+    target = Linkage(target_url)
+    try:
+        assert target.count() == 2500
+        found = target.lookup("PSEUDO-1234")
+        assert [(e.kind, e.original) for e in found] == [("PatientID", "ORIGINAL-1234")]
+    finally:
+        target.close()
+    # A second copy is refused; --force merges without duplicating a pair.
+    assert main(command) == 1
+    assert "--force" in capsys.readouterr().err
+    assert main([*command, "--force"]) == 0
+    target = Linkage(target_url)
+    try:
+        assert target.count() == 2500
+    finally:
+        target.close()

@@ -17,7 +17,7 @@ import peewee as pw
 
 from webaims_tui.config import Settings
 from webaims_tui.engine import db
-from webaims_tui.engine.database_copy import DatabaseCopyError, copy_database
+from webaims_tui.engine.database_copy import DatabaseCopyError, copy_database, copy_linkage
 
 EXIT_FAILED = 1
 
@@ -59,6 +59,11 @@ def register(
         default=1000,
         metavar="N",
         help="rows read and written per statement (default 1000)",
+    )
+    copy.add_argument(
+        "--linkage",
+        action="store_true",
+        help="copy the pseudonym linkage (paths.linkage_database_url) instead of the archive",
     )
     copy.set_defaults(handler=run_copy)
 
@@ -122,6 +127,8 @@ def run_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_copy(args: argparse.Namespace, settings: Settings) -> int:
+    if args.linkage:
+        return run_copy_linkage(args, settings)
     source_url, target_url = settings.paths.database_url, args.to
     if not target_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         sys.stderr.write(
@@ -152,4 +159,23 @@ def run_copy(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{entry.table:<{width}}  {entry.source_rows:>10} -> {entry.target_rows:>10}  ok")
     total = sum(entry.target_rows for entry in report)
     print(f"copied {total} rows in {len(report)} tables in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def run_copy_linkage(args: argparse.Namespace, settings: Settings) -> int:
+    source_url, target_url = settings.paths.linkage_database_url, args.to
+    if target_url == source_url or target_url == settings.paths.database_url:
+        sys.stderr.write("webaims-tui: error: --to must be a database of its own for the linkage\n")
+        return 2
+    print(f"copying the linkage {redact(source_url)} -> {redact(target_url)}")
+    try:
+        entry = copy_linkage(source_url, target_url, force=args.force, batch_size=args.batch_size)
+    except DatabaseCopyError as exc:
+        sys.stderr.write(f"webaims-tui: error: {exc}\n")
+        return EXIT_FAILED
+    except (pw.OperationalError, pw.ImproperlyConfigured, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        sys.stderr.write(f"webaims-tui: error: cannot copy the linkage: {first_line}\n")
+        return EXIT_FAILED
+    print(f"linkage  {entry.source_rows:>10} -> {entry.target_rows:>10}  ok")
     return 0

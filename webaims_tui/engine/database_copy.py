@@ -217,3 +217,53 @@ def _reset_sequence(model: type[db.BaseModel], target: pw.Database) -> None:
         f'COALESCE(MAX("{column}"), 0) + 1, false) FROM "{table}"',
         (f'"{table}"', column),
     )
+
+
+#: The linkage table's columns (engine/linkage.py keeps it outside the peewee models).
+_LINKAGE_COLUMNS = ("kind", "original", "pseudonym", "created_at")
+
+
+def copy_linkage(
+    source_url: str, target_url: str, *, force: bool = False, batch_size: int = 1000
+) -> TableCopy:
+    """Copy the pseudonym linkage (original -> pseudonym pairs) into another database.
+
+    The target table is created by :class:`~webaims_tui.engine.linkage.Linkage` itself. A target
+    that already holds pairs is refused unless ``force``, which merges: a pair already there is
+    kept (with one site secret both sides hold the same pseudonym anyway). One transaction.
+    """
+    from webaims_tui.engine.linkage import Linkage
+
+    source = db.connect(source_url)
+    target_linkage = Linkage(target_url)
+    try:
+        if not source.table_exists("linkage"):
+            raise DatabaseCopyError("the source has no linkage table: nothing to copy")
+        before = target_linkage.count()  # creates the table as the linkage does
+        if before and not force:
+            raise DatabaseCopyError(
+                f"the target linkage already holds {before} pairs; use --force to merge into it"
+            )
+        target = target_linkage.database
+        names = ", ".join(_LINKAGE_COLUMNS)
+        marks = ", ".join([target.param] * len(_LINKAGE_COLUMNS))
+        insert = (
+            f"INSERT INTO linkage ({names}) VALUES ({marks}) "
+            "ON CONFLICT (kind, original) DO NOTHING"
+        )
+        with target.atomic():
+            total = int(source.execute_sql("SELECT COUNT(*) FROM linkage").fetchone()[0])
+            cursor = source.execute_sql(f"SELECT {names} FROM linkage ORDER BY kind, original")
+            while rows := cursor.fetchmany(batch_size):
+                with _exception_wrapper:
+                    target.cursor().executemany(insert, rows)
+            after = int(target.execute_sql("SELECT COUNT(*) FROM linkage").fetchone()[0])
+            if after < total:
+                raise DatabaseCopyError(
+                    f"linkage: {total} pairs in the source but {after} in the target; "
+                    "nothing was kept"
+                )
+        return TableCopy("linkage", total, after)
+    finally:
+        db.close_database(source)
+        target_linkage.close()
