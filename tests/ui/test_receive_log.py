@@ -10,6 +10,7 @@ from datetime import datetime
 
 import pytest
 from pynetdicom.sop_class import Verification
+from textual import events
 
 from tests.conftest import SettingsFactory
 from tests.ui.conftest import CT_FILES, SIZE, scu, send_files, started, wait_until
@@ -295,3 +296,36 @@ async def test_the_command_palette_lists_the_screens(settings: Settings) -> None
         browse.callback()
         await pilot.pause(0.1)
         assert isinstance(app.screen, BrowserScreen)
+
+
+async def test_the_view_follows_the_tail_unless_scrolled_up(settings: Settings) -> None:
+    app = WebaimsApp(settings, start_server=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.engine_ready, "the database")
+        view = app.screen.query_one(ActivityView)
+
+        def associations(first: int, count: int) -> None:
+            for number in range(first, first + count):
+                app.engine_sink(AssociationStarted(number, "AE", "WEBAIMS", "10.0.0.1", 1, 1, ()))
+
+        associations(1, 100)
+        await wait_until(pilot, lambda: view.line_count == 100, "100 lines")
+        await pilot.pause(0.2)
+        assert view.following and view.scroll_y == view.max_scroll_y > 0
+        await pilot.pause(0.2)
+        for _ in range(3):  # the mouse wheel, as the driver delivers it
+            view.post_message(events.MouseScrollUp(view, 2, 2, 0, -1, 0, False, False, False))
+            await pilot.pause(0.05)
+        assert not view.following
+        scrolled = view.scroll_y
+        assert scrolled < view.max_scroll_y
+        associations(101, 10)
+        await wait_until(pilot, lambda: view.line_count == 110, "110 lines")
+        await pilot.pause(0.2)
+        assert view.scroll_y == scrolled
+        await pilot.press("end")
+        associations(111, 10)
+        await wait_until(pilot, lambda: view.line_count == 120, "120 lines")
+        await pilot.pause(0.2)
+        assert view.scroll_y == view.max_scroll_y
+        assert view.cursor == 119

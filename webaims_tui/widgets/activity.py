@@ -482,13 +482,16 @@ class ActivityView(ScrollView, can_focus=True):
         if not force and self.model.revision == self._seen_revision:
             return
         self._seen_revision = self.model.revision
-        was_following = self.following and (self.cursor >= len(self._lines) - 1)
+        # Following: the cursor was on the last line and the wheel has not scrolled the view up.
+        was_following = self.following and self.cursor >= len(self._lines) - 1
         self._lines = list(self._build(self.model.entries))
-        # No horizontal scrolling: a line wider than the terminal is cut at the edge.
-        self.virtual_size = Size(self.size.width, len(self._lines))
+        # No horizontal scrolling (overflow-x is hidden): a long line is cut at the edge.
+        self.virtual_size = Size(self.scrollable_content_region.width, len(self._lines))
         if was_following:
             self.cursor = max(len(self._lines) - 1, 0)
-            self.scroll_end(animate=False, immediate=True, x_axis=False)
+            # force: the scrollbar only appears at the next layout, and until then Textual
+            # refuses to scroll a widget that does not show one.
+            self.scroll_end(animate=False, immediate=True, x_axis=False, force=True)
         else:
             self.cursor = min(self.cursor, max(len(self._lines) - 1, 0))
         self.refresh()
@@ -596,6 +599,13 @@ class ActivityView(ScrollView, can_focus=True):
         self.following = False
         self.sync(force=True)
         self.post_message(self.Toggled(entry))
+
+    def on_mouse_scroll_up(self) -> None:
+        self.following = False  # the user looks back: stop jumping to new lines
+
+    def on_mouse_scroll_down(self) -> None:
+        if self.scroll_y >= self.max_scroll_y - 1:
+            self._move_to(len(self._lines))  # back at the bottom: follow again
 
     def on_click(self, event: object) -> None:
         offset = getattr(event, "y", None)
