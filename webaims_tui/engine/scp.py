@@ -288,6 +288,9 @@ class StorageServer:
         # when that is the problem): what pynetdicom's own negotiation sends, then stops.
         diagnostic = 0x02 if problem.startswith("application context") else 0x01
         assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        # As pynetdicom after its own rejections: wait until the reject is sent and the
+        # connection closed (or the ACSE timeout), so it is not cut off before it goes out.
+        assoc.kill()
         self._sink(
             AssociationRejected(
                 calling_ae=calling,
