@@ -20,8 +20,9 @@ from pynetdicom.sop_class import Verification
 
 from tests.adversarial.conftest import EngineFactory, port_of
 from tests.adversarial.peers import association_request, closed_by_peer
+from tests.conftest import SettingsFactory
 from tests.helpers import EventRecorder
-from webaims_tui.engine.events import InstanceReceived
+from webaims_tui.engine.events import InstanceReceived, ServerFailed
 from webaims_tui.engine.service import Engine
 from webaims_tui.engine.tls import client_ssl_context
 
@@ -199,3 +200,21 @@ def test_a_silent_client_does_not_stall_the_tls_accept_loop(tls_engine: Engine, 
         trusted = _dcmtk("echoscu", port, *_tls_options(pki.client_key, pki.client_cert, pki.ca))
         assert trusted.returncode == 0, trusted.stderr
         assert closed_by_peer(silent)  # and the silent one is dropped by the ACSE timeout
+
+
+def test_an_unloadable_certificate_is_a_clear_start_failure(
+    make_settings: SettingsFactory, events: EventRecorder, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    engine = Engine(
+        make_settings(tls_certificate=str(garbage), tls_private_key=str(garbage)), sink=events
+    )
+    try:
+        engine.start()
+        assert engine.server is not None and not engine.server.listening
+        failed = events.wait_for(ServerFailed)[0]
+        assert "cannot load the TLS certificate" in failed.reason
+        assert str(garbage) in failed.reason
+    finally:
+        engine.stop()
