@@ -95,6 +95,22 @@ async def _ready(pilot: Pilot[None], key: str) -> WebaimsApp:
     return app
 
 
+async def _tables_measured(pilot: Pilot[None]) -> None:
+    """Wait until every filled table has measured its rows: DataTable sizes its columns on idle,
+    and a busy machine could otherwise take the screenshot with label-wide columns."""
+
+    def measured() -> bool:
+        for table in pilot.app.screen.query(DataTable):
+            if table.row_count and all(
+                column.content_width <= column.label.cell_len for column in table.columns.values()
+            ):
+                return False
+        return True
+
+    await wait_until(pilot, measured, "the tables to size their columns")
+    await pilot.pause(0.2)
+
+
 STUDIES: list[qr.StudyRow] = [
     qr.StudyRow(
         patient_id="QRP001",
@@ -152,7 +168,9 @@ async def _query(pilot: Pilot[None]) -> None:
     await wait_until(pilot, lambda: screen.node_name is not None, "the nodes")
     screen.query_one("#qr-node", Select).value = "pacs-main"
     rows: list[qr.Row] = [*STUDIES]
-    screen.show_results("pacs-main", "STUDY", qr.FindResult(rows, 0, elapsed=0.4))
+    screen.show_results(
+        "pacs-main", "STUDY", qr.FindResult(rows, 0, elapsed=0.4), check_archive=False
+    )
     screen.set_archive_state(STUDIES[0].study_instance_uid, 5, 5)
     screen.set_archive_state(STUDIES[1].study_instance_uid, 0, 4)
     screen.set_archive_state(STUDIES[2].study_instance_uid, 120, 300)
@@ -180,7 +198,7 @@ async def _query(pilot: Pilot[None]) -> None:
         screen.jobs.append(job)
         await queue.mount(RetrieveRow(job, id=f"job-{job.number}"))
     screen.say("3 studies from pacs-main in 0.4 s")
-    await pilot.pause(0.2)
+    await _tables_measured(pilot)
 
 
 async def _query_failure(pilot: Pilot[None]) -> None:
@@ -194,7 +212,7 @@ async def _query_failure(pilot: Pilot[None]) -> None:
         "PACS01@10.0.0.5:104 rejected the association: calling AE title not recognised "
         "(it does not know WEBAIMS)",
     )
-    await pilot.pause(0.2)
+    await _tables_measured(pilot)
 
 
 async def _rules(pilot: Pilot[None]) -> None:
@@ -221,7 +239,7 @@ async def _rules(pilot: Pilot[None]) -> None:
     # An unsaved edit that the editor flags: a rule whose value does not fit the VR.
     bad = Rule(match="PatientSex", action="set", value="female")
     screen.change(dataclasses.replace(screen.draft, rules=(*screen.draft.rules, bad)))
-    await pilot.pause(0.2)
+    await _tables_measured(pilot)
 
 
 async def _rule_form(pilot: Pilot[None]) -> None:
@@ -231,7 +249,7 @@ async def _rule_form(pilot: Pilot[None]) -> None:
     await pilot.press("a")
     await wait_until(pilot, lambda: isinstance(app.screen, RuleFormScreen), "the form")
     await pilot.press(*"StudyDa")
-    await pilot.pause(0.2)
+    await _tables_measured(pilot)
 
 
 async def _preview(pilot: Pilot[None]) -> None:
@@ -241,7 +259,7 @@ async def _preview(pilot: Pilot[None]) -> None:
     preview = app.screen
     assert isinstance(preview, PreviewScreen)
     await wait_until(pilot, lambda: preview.report is not None, "the dry run")
-    await pilot.pause(0.2)
+    await _tables_measured(pilot)
 
 
 async def _nodes(pilot: Pilot[None]) -> None:
@@ -250,7 +268,7 @@ async def _nodes(pilot: Pilot[None]) -> None:
     table = app.screen.query_one("#nodes-table", DataTable)
     await wait_until(pilot, lambda: table.row_count == 3, "the nodes")
     await pilot.press("down")
-    await pilot.pause(0.2)
+    await _tables_measured(pilot)
 
 
 async def _settings(pilot: Pilot[None]) -> None:
@@ -277,7 +295,13 @@ async def _settings(pilot: Pilot[None]) -> None:
     await pilot.press("6")
     screen = app.screen
     assert isinstance(screen, SettingsScreen)
-    await pilot.pause(0.3)
+    table = screen.query_one("#settings-table", DataTable)
+    await wait_until(
+        pilot,
+        lambda: "…" not in str(table.get_row("anonymization.active_rule_set")),
+        "the active rule set",
+    )
+    await _tables_measured(pilot)
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])

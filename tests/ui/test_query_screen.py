@@ -224,7 +224,7 @@ async def test_form_quick_dates_validation_and_sort(settings: Settings) -> None:
             qr.StudyRow("P1", "B^B", "", f"1.2.3.{n}", date, "", "", "", "", ("CT",), 1, 1)
             for n, date in enumerate(["20240101", "20250101", "20230101"])
         ]
-        screen.show_results("pacs", "STUDY", qr.FindResult(rows, 0))
+        screen.show_results("pacs", "STUDY", qr.FindResult(rows, 0), check_archive=False)
         assert [e.row.study_date for e in screen.entries] == [  # type: ignore[union-attr]
             "20250101",
             "20240101",

@@ -411,8 +411,11 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
         self.set_class(False, "-querying")
         self.explain(failure.kind, failure.message)
 
-    def show_results(self, node: str, level: str, result: qr.FindResult) -> None:
-        """Replace the table with ``result`` (public: snapshot tests call it with fixed rows)."""
+    def show_results(
+        self, node: str, level: str, result: qr.FindResult, *, check_archive: bool = True
+    ) -> None:
+        """Replace the table with ``result``, then (unless told not to) look up each study's
+        archive state with the PACS (snapshot tests pass fixed rows and no network)."""
         self.set_class(False, "-querying")
         self.result_node = node
         self.entries = [ResultEntry(row) for row in result.rows]
@@ -429,7 +432,7 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
         if self.entries:
             table.focus()
         studies = [e.row.study_instance_uid for e in self.entries if isinstance(e.row, qr.StudyRow)]
-        if studies and self.webaims.engine_ready:
+        if studies and check_archive and self.webaims.engine_ready:
             self.check_archive(node, studies[:MAX_STATUS_CHECKS])
 
     # --- the results table --------------------------------------------------------------------
