@@ -208,7 +208,7 @@ class PreviewScreen(Screen[None]):
         changed = [c for c in report.changes if c.changed]
         by_rules = [c for c in changed if c.rule.startswith("rule ")]
         # Before and after side by side must fit 80 columns next to the tag and keyword.
-        width = 18 if self.app.size.width < 110 else 32
+        width = 18 if self.app.size.width < 110 else 26
         for change in report.changes if self.show_all else changed:
             # The edited rules' own effects stand out from the profile's.
             style = "bold yellow" if change.rule.startswith("rule ") else ""
