@@ -22,7 +22,7 @@ from pynetdicom import AE
 from tests.conftest import SettingsFactory
 from tests.helpers import EventRecorder
 from webaims_tui.engine import db
-from webaims_tui.engine.anonymize import AnonymizationRefused, AnonymizationResult
+from webaims_tui.engine.anonymize import AnonymizationRefused, AnonymizationResult, PassThrough
 from webaims_tui.engine.archive import MAX_COMPONENT_LENGTH, sanitize_component
 from webaims_tui.engine.autoloader import ORPHAN_MIN_AGE_SECONDS, Autoloader, AutoloaderBusy
 from webaims_tui.engine.events import (
@@ -50,6 +50,7 @@ def make_instance(
     description: str = "",
     calling_ae: str = "",
     name: str | None = None,
+    fill: int | None = None,
 ) -> Path:
     """A small CT-like Part 10 file, written under an atomic incoming name unless ``name``."""
     sop_uid = sop_uid or generate_uid(UID_ROOT)
@@ -76,7 +77,10 @@ def make_instance(
     ds.PixelRepresentation = 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = bytes(range(256)) * (size * size * 2 // 256) + b"\x00" * (size * size * 2 % 256)
+    if fill is None:
+        ds.PixelData = bytes(range(256)) * (size * size * 2 // 256) + bytes(size * size * 2 % 256)
+    else:
+        ds.PixelData = bytes([fill]) * (size * size * 2)
     path = folder / (name or incoming_name())
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -95,6 +99,9 @@ def opened_engine(
     settings_factory: SettingsFactory, events: EventRecorder, config: str = ""
 ) -> Engine:
     engine = Engine(settings_factory(config), sink=events)
+    # These tests are about the archive's mechanics: values pass through unchanged so that
+    # they can be checked (the rule engine has its own tests).
+    engine.anonymizer = PassThrough()
     engine.open()
     return engine
 
@@ -108,8 +115,18 @@ def _age(path: Path, seconds: float) -> None:
 
 
 def test_corpus_from_an_scu_is_archived_and_indexed(
-    engine: Engine, events: EventRecorder, corpus: list[Path]
+    make_settings: SettingsFactory, events: EventRecorder, corpus: list[Path]
 ) -> None:
+    engine = Engine(make_settings(), sink=events)
+    engine.anonymizer = PassThrough()  # so that every value can be compared with what was sent
+    engine.start()
+    try:
+        _send_corpus_and_check(engine, events, corpus)
+    finally:
+        engine.stop()
+
+
+def _send_corpus_and_check(engine: Engine, events: EventRecorder, corpus: list[Path]) -> None:
     lacking = {
         p
         for p in corpus

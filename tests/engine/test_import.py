@@ -46,7 +46,12 @@ def test_import_of_a_folder_archives_dicom_and_skips_the_rest(
     make_settings()  # writes tmp_path/config.toml
     media = tmp_path / "media"
     (media / "sub" / "deeper").mkdir(parents=True)
-    chosen = [p for p in corpus if dcmread(p).get("SeriesInstanceUID")][:6]
+    # CT and MR: the default rule set quarantines modalities that may carry burned-in text.
+    chosen = [
+        p
+        for p in corpus
+        if dcmread(p).get("SeriesInstanceUID") and dcmread(p).get("Modality") in ("CT", "MR")
+    ][:6]
     for n, path in enumerate(chosen):
         shutil.copy(path, media / ("sub/deeper" if n % 2 else "sub") / path.name)
     (media / "README.txt").write_text("not DICOM")
@@ -59,7 +64,8 @@ def test_import_of_a_folder_archives_dicom_and_skips_the_rest(
     assert code == 0
     assert "imported: 6" in out and "skipped as non-DICOM: 2" in out and "failed: 0" in out
     assert "archived: 6" in out
-    assert _indexed_uids(make_settings) == {str(dcmread(p).SOPInstanceUID) for p in chosen}
+    # Counted, not compared: the active rule set replaces the UIDs.
+    assert len(_indexed_uids(make_settings)) == len(chosen)
     assert {p: p.read_bytes() for p in media.rglob("*") if p.is_file()} == before  # untouched
 
 
@@ -79,7 +85,7 @@ def test_import_of_a_dicomdir_brings_in_the_files_it_references(
     out = capsys.readouterr().out
     assert code == 0
     assert f"imported: {len(referenced)}" in out and "DICOMDIR indexes read: 1" in out
-    assert _indexed_uids(make_settings) == referenced
+    assert len(_indexed_uids(make_settings)) == len(referenced)
 
 
 def test_import_of_a_missing_path_is_reported(

