@@ -21,6 +21,7 @@ from pynetdicom import AE
 
 from tests.conftest import SettingsFactory
 from tests.helpers import EventRecorder
+from webaims_tui.config import ConfigError
 from webaims_tui.engine import db
 from webaims_tui.engine.anonymize import AnonymizationRefused, AnonymizationResult, PassThrough
 from webaims_tui.engine.archive import MAX_COMPONENT_LENGTH, sanitize_component
@@ -259,6 +260,14 @@ def test_records_group_instances_by_the_record_unit(
 )
 def test_path_components_are_sanitized(value: str, expected: str) -> None:
     assert sanitize_component(value) == expected
+
+
+def test_a_template_naming_no_dicom_attribute_is_a_config_error(
+    make_settings: SettingsFactory, events: EventRecorder
+) -> None:
+    settings = make_settings('[autoloader]\npath_template = "{Nonsense}/{SOPInstanceUID}.dcm"\n')
+    with pytest.raises(ConfigError, match=r"path_template.*Nonsense"):
+        Autoloader(settings, events)
 
 
 def test_long_components_are_cut_and_hashed_apart() -> None:

@@ -52,12 +52,13 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from webaims_tui.config import Settings
+from webaims_tui.config import ConfigError, Settings
 from webaims_tui.engine import db
 from webaims_tui.engine.anonymize import AnonymizationRefused, Anonymizer, PassThrough
 from webaims_tui.engine.archive import (
     DEFER_SIZE,
     TEMP_FOLDER,
+    PathTemplateError,
     archive_path_for,
     deferred_elements,
     file_sha256,
@@ -463,7 +464,13 @@ class Autoloader:
         self.settings = settings
         self.paths = settings.paths
         self.options = settings.autoloader
-        template_keywords(self.options.path_template)  # a bad template fails here, not per file
+        try:
+            template_keywords(self.options.path_template)  # fails here, not once per file
+        except PathTemplateError as exc:
+            raise ConfigError(
+                f"{settings.config_file}: autoloader.path_template = "
+                f"{self.options.path_template!r}: {exc}"
+            ) from None
         self.sink = sink
         self.anonymizer: Anonymizer = anonymizer if anonymizer is not None else PassThrough()
         self.processes = _default_processes(self.anonymizer) if processes is None else processes
