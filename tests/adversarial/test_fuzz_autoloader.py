@@ -125,29 +125,10 @@ def test_mutated_files_are_prepared_or_refused_never_raise(harness: Harness) -> 
     )
 
 
-#: Regression files of bugs still open in the autoloader (not this suite's code): strict xfail,
-#: so the fix shows up as an XPASS and the entry is removed.
-OPEN_BUGS = {
-    "autoloader-1aaa2bd1ddb15b72.dcm": "pydicom's OSError 'No tag to read' is taken for an I/O "
-    "error: the malformed file is postponed (retried forever), not quarantined",
-    "autoloader-1bf86efcaacee85c.dcm": "same as autoloader-1aaa2bd1ddb15b72",
-    "autoloader-c896c8d9214ce569.dcm": "prepare() raises NotImplementedError: an unknown VR in "
-    "(0002,0016) Source AE Title is decoded outside its try block (the calling AE lookup); "
-    "reachable through webaims-tui import (the SCP writes that element itself, correctly)",
-}
-
-
-def _regression_params() -> list[object]:
-    params: list[object] = []
-    for path in sorted(REGRESSIONS.glob("autoloader-*.dcm")):
-        marks = []
-        if path.name in OPEN_BUGS:
-            marks.append(pytest.mark.xfail(reason=OPEN_BUGS[path.name], strict=True))
-        params.append(pytest.param(path, marks=marks, id=path.name))
-    return params
-
-
-@pytest.mark.parametrize("path", _regression_params())
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, id=p.name) for p in sorted(REGRESSIONS.glob("autoloader-*.dcm"))],
+)
 def test_regression_files(harness: Harness, path: Path) -> None:
     harness.run(path.read_bytes())
     assert not harness.bugs, harness.bugs

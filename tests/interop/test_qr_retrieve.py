@@ -19,6 +19,7 @@ from tests.conftest import SettingsFactory
 from tests.helpers import EventRecorder
 from tests.interop.conftest import Orthanc
 from webaims_tui.engine import db
+from webaims_tui.engine.anonymize import RuleAnonymizer
 from webaims_tui.engine.events import (
     AssociationEnded,
     InstanceArchived,
@@ -169,7 +170,7 @@ def test_fetch_missing_retrieves_only_what_the_archive_lacks(
     assert first.after is not None and first.after.complete and first.ok
     _wait_logged(events)
 
-    # The autoloader (pass-through) archives them under their own UIDs.
+    # The autoloader archives them anonymized, under UIDs derived from the originals.
     events.wait_for(InstanceArchived, count=5)
     # With the received log gone, the archive alone still counts as holding the study.
     with db.database.connection_context():
@@ -178,10 +179,13 @@ def test_fetch_missing_retrieves_only_what_the_archive_lacks(
 
     # Lose two instances of the first series locally: archive rows and files together.
     lost = set(study.series[0].instances[:2])
+    anonymizer = engine.anonymizer
+    assert isinstance(anonymizer, RuleAnonymizer)
+    archived_uids = [anonymizer.replacement_uid(uid, "SOPInstanceUID") for uid in lost]
     with db.database.connection_context():
         ids = [
             row.id
-            for row in db.Instance.select().where(db.Instance.sop_instance_uid.in_(list(lost)))
+            for row in db.Instance.select().where(db.Instance.sop_instance_uid.in_(archived_uids))
         ]
     assert len(ids) == 2
     for instance_id in ids:

@@ -263,19 +263,23 @@ async def test_a_failing_action_is_a_notification_not_a_crash(
         await _loaded(pilot, screen, "patient", 2)
 
 
-async def test_reanonymize_says_when_it_is_not_available(
+async def test_reanonymize_asks_first_and_explains_a_refusal(
     settings: Settings, filled: FilledArchive
 ) -> None:
+    # The pre-filled archive keeps no originals: re-anonymizing must refuse, not anonymize twice.
     app = WebaimsApp(settings)
     async with app.run_test(size=SIZE) as pilot:
         screen = await _browser(pilot)
         await _loaded(pilot, screen, "patient", 3)
         await pilot.press("a")
-        if callable(getattr(app.engine, "reanonymize_unit", None)):
-            assert isinstance(app.screen, ConfirmScreen)
-            await pilot.press("n")
-        else:
-            assert any("not available yet" in m for m in _notifications(app))
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        assert not isinstance(app.screen, ConfirmScreen)
+        await pilot.press("a", "y")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert any("originals are not kept" in m for m in _notifications(app))
+        await _loaded(pilot, screen, "patient", 3)
 
 
 @pytest.mark.slow

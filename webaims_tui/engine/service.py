@@ -38,6 +38,7 @@ from webaims_tui.engine.autoloader import (
     import_into_incoming,
 )
 from webaims_tui.engine.events import EchoFinished, EngineError, EngineEvent, EventSink
+from webaims_tui.engine.reanonymize import ReanonymizeResult, reanonymize_unit
 from webaims_tui.engine.scp import StorageServer, sop_class_name
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class Engine:
         self.database: pw.Database | None = None
         self.server: StorageServer | None = None
         self.autoloader: Autoloader | None = None
-        #: The anonymizer the autoloader applies; None means pass-through until one is wired in.
+        #: The anonymizer the autoloader applies; None until first needed, then the active
+        #: rule set (tests and tools may set another, e.g. PassThrough, before start()).
         self.anonymizer: Anonymizer | None = None
 
     # --- lifetime -----------------------------------------------------------------------------
@@ -91,7 +93,7 @@ class Engine:
         self._start_autoloader()
 
     def _start_autoloader(self) -> None:
-        autoloader = Autoloader(self.settings, self.sink, self.anonymizer)
+        autoloader = Autoloader(self.settings, self.sink, self._active_anonymizer())
         try:
             autoloader.start()
         except AutoloaderBusy as exc:
@@ -101,6 +103,16 @@ class Engine:
             self.sink(EngineError(where="autoloader", message=str(exc)))
             return
         self.autoloader = autoloader
+
+    def _active_anonymizer(self) -> Anonymizer:
+        """The anonymizer the autoloader applies: the active rule set unless one was set.
+
+        Research data leaves this archive, so nothing is archived un-anonymized by default: on
+        a new archive this stores and activates the built-in PS3.15 basic profile.
+        """
+        if self.anonymizer is None:
+            self.anonymizer = self.make_anonymizer()
+        return self.anonymizer
 
     def stop(self) -> None:
         """Stop accepting associations, let running ones finish, close the database."""
@@ -286,6 +298,17 @@ class Engine:
         """Delete a patient/study/series/instance: rows and files together, or neither."""
         return browse.delete_unit(self.settings.paths.archive, level, unit_id)
 
+    def reanonymize_unit(self, level: browse.Level, unit_id: int) -> ReanonymizeResult:
+        """Send a unit's kept originals through the autoloader again, with the active rules.
+
+        Raises :class:`ReanonymizeRefused` (saying why) when originals are not kept.
+        """
+        self.open()
+        result = reanonymize_unit(self.settings.paths, level, unit_id)
+        if self.autoloader is not None:
+            self.autoloader.wake()
+        return result
+
     def export_unit(
         self, level: browse.Level, unit_id: int, destination: Path, *, as_zip: bool = False
     ) -> browse.ExportResult:
@@ -293,6 +316,51 @@ class Engine:
         return browse.export_unit(
             self.settings.paths.archive, level, unit_id, destination, as_zip=as_zip
         )
+
+    # --- autoloader, import and quarantine (see engine/autoloader.py, engine/quarantine.py) ---
+
+    def process_incoming(self) -> Counters | None:
+        """Archive what waits in incoming/ now, in this thread, when no autoloader runs.
+
+        Returns the counts, or None when an autoloader (this engine's or another process's)
+        owns incoming/: it will process the files itself.
+        """
+        if self.autoloader is not None:
+            self.autoloader.wake()
+            return None
+        self.open()
+        try:
+            return Autoloader(self.settings, self.sink, self._active_anonymizer()).run_once()
+        except AutoloaderBusy:
+            return None
+
+    def import_paths(
+        self, paths: list[Path], progress: ProgressCallback | None = None
+    ) -> ImportSummary:
+        """Copy DICOM files, folders (recursive) and DICOMDIR media into incoming/."""
+        self.open()
+        summary = import_into_incoming(
+            paths, self.settings.paths.incoming, self.settings.paths.spool, progress
+        )
+        if self.autoloader is not None:
+            self.autoloader.wake()
+        return summary
+
+    def quarantine_entries(self, reason: str | None = None) -> list[quarantined.QuarantinedFile]:
+        """Every file in quarantine with why, when and from whom, oldest first."""
+        self.open()
+        with db.database.connection_context():
+            return quarantined.entries(reason)
+
+    def retry_quarantined(self, ids: list[int] | None) -> list[int]:
+        """Move quarantined files (all when ``ids`` is None) back into incoming/."""
+        self.open()
+        paths = self.settings.paths
+        with db.database.connection_context():
+            released = quarantined.release(paths.quarantine, paths.incoming, ids)
+        if self.autoloader is not None:
+            self.autoloader.wake()
+        return released
 
     # --- query/retrieve (remote nodes; see engine/qr.py and engine/nodes.py) ----------------
 
@@ -511,51 +579,6 @@ class Engine:
             and time.monotonic() < deadline
         ):
             time.sleep(0.05)
-
-    # --- autoloader, import and quarantine (see engine/autoloader.py, engine/quarantine.py) ---
-
-    def process_incoming(self) -> Counters | None:
-        """Archive what waits in incoming/ now, in this thread, when no autoloader runs.
-
-        Returns the counts, or None when an autoloader (this engine's or another process's)
-        owns incoming/: it will process the files itself.
-        """
-        if self.autoloader is not None:
-            self.autoloader.wake()
-            return None
-        self.open()
-        try:
-            return Autoloader(self.settings, self.sink, self.anonymizer).run_once()
-        except AutoloaderBusy:
-            return None
-
-    def import_paths(
-        self, paths: list[Path], progress: ProgressCallback | None = None
-    ) -> ImportSummary:
-        """Copy DICOM files, folders (recursive) and DICOMDIR media into incoming/."""
-        self.open()
-        summary = import_into_incoming(
-            paths, self.settings.paths.incoming, self.settings.paths.spool, progress
-        )
-        if self.autoloader is not None:
-            self.autoloader.wake()
-        return summary
-
-    def quarantine_entries(self, reason: str | None = None) -> list[quarantined.QuarantinedFile]:
-        """Every file in quarantine with why, when and from whom, oldest first."""
-        self.open()
-        with db.database.connection_context():
-            return quarantined.entries(reason)
-
-    def retry_quarantined(self, ids: list[int] | None) -> list[int]:
-        """Move quarantined files (all when ``ids`` is None) back into incoming/."""
-        self.open()
-        paths = self.settings.paths
-        with db.database.connection_context():
-            released = quarantined.release(paths.quarantine, paths.incoming, ids)
-        if self.autoloader is not None:
-            self.autoloader.wake()
-        return released
 
 
 def _count_files(folder: Path, exclude_suffix: str) -> int:

@@ -419,15 +419,10 @@ Search ([b]/[/b]): free words match patient ID or name;
         if selection is None:
             return
         level, unit_id, what = selection
-        if not callable(getattr(self.webaims.engine, "reanonymize_unit", None)):
-            # The rule engine is built separately; until the Engine offers it, say so plainly.
-            self.notify(
-                "Re-anonymization is not available yet in this build.",
-                title="Re-anonymize",
-                severity="warning",
-            )
-            return
-        question = f"Re-run anonymization on {what} with the active rule set?"
+        question = (
+            f"Re-run anonymization on {what} with the active rule set? Its archived files are "
+            "replaced by its kept originals anonymized again."
+        )
 
         def confirmed(answer: bool | None) -> None:
             if answer:
@@ -437,7 +432,7 @@ Search ([b]/[/b]): free words match patient ID or name;
 
     @work(thread=True, group="actions", exit_on_error=False, name="re-anonymize")
     def reanonymize_unit(self, level: Level, unit_id: int, what: str) -> None:
-        result = self.webaims.engine.reanonymize_unit(level, unit_id)  # type: ignore[attr-defined]
+        result = self.webaims.engine.reanonymize_unit(level, unit_id)
         self.app.call_from_thread(self._after_action, f"Re-anonymized {what}: {result}")
 
     def _after_action(self, message: str) -> None:
