@@ -18,15 +18,17 @@ import os
 import re
 import string
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, cast
 
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomFileLike
-from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
@@ -133,13 +135,14 @@ def write_part10(
     destination: Path,
     source: Path,
     deferred: Mapping[int, RawDataElement],
-) -> None:
-    """Write ``dataset`` as a Part 10 file, copying untouched deferred values from ``source``.
+) -> str:
+    """Write ``dataset`` as a Part 10 file; return the file's SHA-256 (hex).
 
     ``deferred`` is what :func:`deferred_elements` returned right after reading ``source``; an
     element still present in the dataset as that very object was not touched by the anonymizer,
-    so its bytes are copied from the source file unchanged. Anything else (a changed transfer
-    syntax or character set, a deflated syntax) falls back to pydicom's full writer.
+    so its bytes are copied from the source file unchanged, and so is every other element the
+    anonymizer did not even look at (still raw). Anything else (a changed transfer syntax or
+    character set, a deflated syntax) falls back to pydicom's full writer.
     """
     meta = dataset.file_meta
     syntax = UID(meta.TransferSyntaxUID)
@@ -152,25 +155,138 @@ def write_part10(
     )
     if not streamable:
         dataset.save_as(destination, enforce_file_format=True)
-        return
+        return file_sha256(destination)
     encoding = dataset.get("SpecificCharacterSet", "iso8859")
-    endian = "<" if syntax.is_little_endian else ">"
+    implicit, endian = syntax.is_implicit_VR, "<" if syntax.is_little_endian else ">"
+    digest = hashlib.sha256()
     with open(destination, "xb") as handle, open(source, "rb") as source_handle:
-        out = DicomFileLike(handle)
-        out.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(out, meta, enforce_standard=True)
-        out.is_implicit_VR = syntax.is_implicit_VR
-        out.is_little_endian = syntax.is_little_endian
+        # The file is hashed as it is written: reading it back would cost as much again.
+        def emit(data: bytes) -> None:
+            digest.update(data)
+            handle.write(data)
+
+        emit(b"\x00" * 128 + b"DICM" + _file_meta_bytes(meta))
+        out = _buffer(syntax)
         for tag in sorted(dataset.keys()):
             if tag.element == 0 and tag.group > 6:
                 continue  # retired group lengths: pydicom's writer drops them too
             element = dataset.get_item(tag, keep_deferred=True)
             if deferred.get(int(tag)) is element:
                 assert isinstance(element, RawDataElement)
-                handle.write(_element_header(element, syntax.is_implicit_VR, endian))
-                _copy_range(source_handle, handle, element.value_tell, element.length)
+                emit(out.getvalue() + _element_header(element, implicit, endian))
+                out = _buffer(syntax)
+                for chunk in _chunks(source_handle, element.value_tell, element.length):
+                    emit(chunk)
+            elif _copyable(element, implicit):
+                assert isinstance(element, RawDataElement)
+                out.write(_element_header(element, implicit, endian))
+                out.write(cast(bytes, element.value))
             else:
-                write_data_element(out, dataset.get_item(tag), encoding)
+                out.write(_encoded(dataset[tag], syntax, encoding))
+        emit(out.getvalue())
+    return digest.hexdigest()
+
+
+def _buffer(syntax: UID) -> DicomBytesIO:
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR = syntax.is_implicit_VR
+    buffer.is_little_endian = syntax.is_little_endian
+    return buffer
+
+
+def _copyable(element: Any, implicit: bool) -> bool:
+    """An element read but never converted: its bytes can go out exactly as they came in."""
+    return (
+        isinstance(element, RawDataElement)
+        and isinstance(element.value, bytes)
+        and element.length == len(element.value)
+        and element.length != 0xFFFFFFFF
+        # Explicit VR needs a two-letter VR, and a 16-bit length for the short-length VRs.
+        and (
+            implicit
+            or (
+                isinstance(element.VR, str)
+                and len(element.VR) == 2
+                and element.VR.isascii()
+                and (element.VR in EXPLICIT_VR_LENGTH_32 or element.length <= 0xFFFF)
+            )
+        )
+    )
+
+
+#: Encoded elements by value: the anonymizer writes the same replacement values (a dummy date,
+#: the de-identification method and its code sequence...) into every file, and pydicom's
+#: element writer is the slowest step of writing a header.
+_ENCODED: dict[tuple[Any, ...], bytes] = {}
+_ENCODED_LIMIT = 4096
+_MAX_CACHED_VALUE = 1024
+_META_SYNTAX = UID("1.2.840.10008.1.2.1")
+
+
+def _encoded(element: DataElement, syntax: UID, encoding: Any) -> bytes:
+    """``element`` as written by pydicom in ``syntax``, from the cache when seen before."""
+    value_key = _value_key(element.value)
+    key = (
+        element.tag,
+        element.VR,
+        syntax,
+        tuple(encoding) if isinstance(encoding, list | MultiValue) else encoding,
+        value_key,
+    )
+    if value_key is not None and key in _ENCODED:
+        return _ENCODED[key]
+    buffer = _buffer(syntax)
+    write_data_element(buffer, element, encoding)
+    data = buffer.getvalue()
+    if value_key is not None and len(data) <= _MAX_CACHED_VALUE:
+        if len(_ENCODED) >= _ENCODED_LIMIT:
+            _ENCODED.clear()
+        _ENCODED[key] = data
+    return data
+
+
+def _value_key(value: Any) -> tuple[Any, ...] | None:
+    """A hashable stand-in that determines how ``value`` is encoded, or None (not cached).
+
+    The type is part of the key, and numbers are keyed by their text: pydicom keeps the
+    original string of a DS or IS ("1.50" and 1.5 encode differently).
+    """
+    if value is None or isinstance(value, str | bytes):
+        return (type(value), value)
+    if isinstance(value, int | float):
+        return (type(value), str(value), value)
+    if isinstance(value, MultiValue | list | tuple):
+        items = tuple(_value_key(item) for item in value)
+        return None if None in items else (type(value), items)
+    if isinstance(value, Sequence):
+        keys: list[Any] = []
+        for item in value:
+            for element in item:  # a Dataset iterates over its (converted) elements
+                inner = _value_key(element.value)
+                if inner is None:
+                    return None
+                keys.append((element.tag, element.VR, inner))
+            keys.append(None)  # item boundary
+        return (Sequence, tuple(keys))
+    return None  # person names and anything else: their encoding has more state
+
+
+def _file_meta_bytes(meta: Dataset) -> bytes:
+    """Group 2 in explicit VR little endian, its group length computed here.
+
+    pydicom's ``write_file_meta_info`` does the same but re-validates and encodes the whole
+    group twice; this is a third of the time of a small file's header.
+    """
+    body = DicomBytesIO()
+    body.is_implicit_VR = False
+    body.is_little_endian = True
+    if "FileMetaInformationVersion" not in meta:
+        meta.FileMetaInformationVersion = b"\x00\x01"
+    for tag in sorted(meta.keys()):
+        if tag != 0x00020000:
+            body.write(_encoded(meta[tag], _META_SYNTAX, "iso8859"))
+    value = body.getvalue()
+    return struct.pack("<HH2sHL", 2, 0, b"UL", 4, len(value)) + value
 
 
 def _element_header(element: RawDataElement, implicit: bool, endian: str) -> bytes:
@@ -184,9 +300,8 @@ def _element_header(element: RawDataElement, implicit: bool, endian: str) -> byt
     return struct.pack(f"{endian}HH2sH", group, number, vr.encode(), element.length)
 
 
-def _copy_range(source: BinaryIO, destination: BinaryIO, offset: int, length: int) -> None:
-    # pread leaves the source position alone; writes go through the buffered destination so
-    # that its idea of the position stays right.
+def _chunks(source: BinaryIO, offset: int, length: int) -> Iterator[bytes]:
+    # pread leaves the source position alone.
     src_fd = source.fileno()
     remaining = length
     position = offset
@@ -194,7 +309,7 @@ def _copy_range(source: BinaryIO, destination: BinaryIO, offset: int, length: in
         chunk = os.pread(src_fd, min(_COPY_CHUNK, remaining), position)
         if not chunk:
             raise EOFError(f"source ended {remaining} bytes before the end of a value")
-        destination.write(chunk)
+        yield chunk
         position += len(chunk)
         remaining -= len(chunk)
 

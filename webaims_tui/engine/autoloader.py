@@ -238,8 +238,7 @@ def _prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
     try:
         _prepare_file_meta(anonymized)
         relative = archive_path_for(anonymized, job.template)
-        write_part10(anonymized, temp, path, deferred)
-        content_hash = file_sha256(temp)
+        content_hash = write_part10(anonymized, temp, path, deferred)
         size = temp.stat().st_size
     except OSError as exc:
         temp.unlink(missing_ok=True)
