@@ -31,6 +31,7 @@ from textual.worker import Worker, WorkerState
 from webaims_tui import locations
 from webaims_tui.config import Settings
 from webaims_tui.engine.events import (
+    ArchivingResumed,
     EchoFinished,
     EngineError,
     EngineEvent,
@@ -229,6 +230,8 @@ class WebaimsApp(App[None]):
             self.listening = False
         elif isinstance(event, EngineError):
             self.notify(event.message, title=event.where, severity="error")
+        elif isinstance(event, ArchivingResumed):
+            self.notify(event.message, title=event.where, severity="information")
         if isinstance(event, QR_EVENTS):
             # Retrieve progress and echo results belong to the screens that started them.
             for screen in self._mode_screens():

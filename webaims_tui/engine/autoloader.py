@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -67,6 +68,7 @@ from webaims_tui.engine.archive import (
     write_part10,
 )
 from webaims_tui.engine.events import (
+    ArchivingResumed,
     EngineError,
     EventSink,
     InstanceArchived,
@@ -96,6 +98,8 @@ _ATOMIC_NAME = re.compile(r"^\d+-[0-9a-f]{12}(--.+|\.dcm)$")
 SETTLE_SECONDS = 2.0
 #: A file that failed for a reason that may pass (disk full) is retried after this long.
 RETRY_AFTER_SECONDS = 30.0
+#: Errors that say the file system is full (of data or of inodes) or the quota is used up.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 #: Below this many waiting files the pool is not worth its start-up time.
 POOL_THRESHOLD = 32
 #: Archive files without an index row are adopted only once they are this old.
@@ -104,6 +108,12 @@ JOURNAL_NAME = ".autoloader-journal"
 CLEAN_MARKER_NAME = ".autoloader-clean"
 LOCK_NAME = ".autoloader.lock"
 THROUGHPUT_INTERVAL = 2.0
+#: Pixel Data, Float Pixel Data, Double Float Pixel Data: a file has one of them at most.
+PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+#: No frame is bigger uncompressed: native pixel data must fit one 32-bit value length, so a
+#: bigger frame could never be decompressed into a DICOM file.
+MAX_FRAME_BYTES = 0xFFFFFFFE
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 class AutoloaderBusy(Exception):
@@ -293,7 +303,118 @@ def truncation_problem(
     )
     if "Rows" in dataset and "Columns" in dataset and not has_pixels:
         return "image attributes are present but the pixel data is missing: the file was cut"
+    return pixel_data_problem(dataset, file_size)
+
+
+def pixel_data_problem(dataset: Dataset, file_size: int) -> str | None:
+    """Why the image header claims pixel data the file does not hold, or None.
+
+    Works from header values and the pixel data element's declared length only: the value is
+    never read, let alone decoded. A header that claims more than is there is a cut file or a
+    decompression bomb; pydicom's decoders allocate what Rows x Columns x ... say, so whatever
+    decoded it later (a viewer, an export) would try to allocate gigabytes.
+    """
+    tag = next((tag for tag in PIXEL_DATA_TAGS if tag in dataset), None)
+    rows, columns = _header_integer(dataset, "Rows"), _header_integer(dataset, "Columns")
+    if tag is None or rows is None or columns is None:
+        return None  # no pixel data, or no size claimed: nothing to compare
+    # Absent values are taken at their smallest so that only a claim can fail the check; a
+    # NumberOfFrames of 0 or garbage (pydicom's badVR.dcm has "1A") counts as 1, as in pydicom.
+    samples = _header_integer(dataset, "SamplesPerPixel")
+    samples = 1 if samples is None else samples
+    bits = _header_integer(dataset, "BitsAllocated")
+    bits = 1 if bits is None else bits
+    frames = _header_integer(dataset, "NumberOfFrames") or 1
+    claim = (
+        f"Rows {rows} x Columns {columns} x {samples} samples x {bits} bits allocated x "
+        f"{frames} frames"
+    )
+    if min(rows, columns, samples, bits, frames) < 1:
+        return f"pixel data mismatch: the file has pixel data but its header says {claim}"
+    frame_bytes = _expected_pixel_bytes(rows, columns, samples, bits, 1, "")
+    if frame_bytes > MAX_FRAME_BYTES:
+        return (
+            f"pixel data mismatch: {claim} makes {frame_bytes} bytes per frame, more than any "
+            "frame can hold uncompressed"
+        )
+    element: Any = dataset.get_item(tag, keep_deferred=True)
+    length = int(element.length) if isinstance(element, RawDataElement) else UNDEFINED_LENGTH
+    if length == UNDEFINED_LENGTH or not _native_syntax(dataset):
+        # Compressed (or a syntax we do not know): the stored size says little about the
+        # decoded one. Every frame takes at least one byte of the file, though.
+        if frames > file_size:
+            return f"pixel data mismatch: {frames} frames claimed in a file of {file_size} bytes"
+        return None
+    photometric = str(_header_value(dataset, "PhotometricInterpretation") or "").strip()
+    expected = _expected_pixel_bytes(rows, columns, samples, bits, frames, photometric)
+    # PS3.5 8.1.1: the value length is the expected length, padded to even; more is tolerated.
+    if expected > length:
+        return (
+            f"pixel data mismatch: the header claims {expected} bytes ({claim}); the pixel data "
+            f"element holds {length}"
+        )
     return None
+
+
+def _expected_pixel_bytes(
+    rows: int, columns: int, samples: int, bits: int, frames: int, photometric: str
+) -> int:
+    """The uncompressed pixel data length, without the odd-length padding byte.
+
+    The rules of pydicom's ``pixels.utils.get_expected_length`` (PS3.5 8.1.1; PS3.3
+    C.7.6.3.1.2 for YBR_FULL_422), applied to values already checked: that function reads them
+    from a dataset again and warns on a NumberOfFrames of 0, which real files have.
+    """
+    length = rows * columns * samples * frames
+    length = -(-length // 8) if bits == 1 else length * (bits // 8)
+    if photometric == "YBR_FULL_422":
+        length = length // 3 * 2
+    return length
+
+
+def _header_integer(dataset: Dataset, keyword: str) -> int | None:
+    """An integer header value; None when absent, empty, multi-valued or not a number."""
+    value = _header_value(dataset, keyword)
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def _header_value(dataset: Dataset, keyword: str) -> Any:
+    try:
+        return dataset.get(keyword)
+    except Exception:  # a value pydicom cannot convert (bad VR, bad length)
+        return None
+
+
+def _native_syntax(dataset: Dataset) -> bool:
+    """Whether the pixel data is stored uncompressed, so that the header fixes its length.
+
+    With no transfer syntax in the file meta pydicom guessed an uncompressed one (it cannot
+    read anything else without being told); an unknown syntax UID may be compressed.
+    """
+    meta = getattr(dataset, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    if not syntax:
+        return True
+    try:
+        return not UID(syntax).is_compressed
+    except ValueError:  # not a transfer syntax pydicom knows
+        return False
+
+
+def _says_no_space(detail: str) -> bool:
+    """Whether a :class:`Postponed` detail reports a full disk.
+
+    prepare() keeps only the error's text; a worker process shares this process's C library
+    and locale, so its strerror texts are the ones os.strerror gives here.
+    """
+    return any(os.strerror(code) in detail for code in NO_SPACE)
 
 
 def _calling_ae(dataset: Dataset) -> str:
@@ -430,6 +551,49 @@ class _Conflict:
     detail: str
 
 
+def _relational_conflict(
+    item: Prepared, earlier: _Place | None, row: db.Instance | None
+) -> _Conflict | None:
+    """A conflict when ``item``'s SOP Instance UID belongs to another study or series.
+
+    That instance is the one placed earlier in this batch, else the indexed one (``row``, its
+    series and study joined). The detail names what differs, never a value: UIDs can be traced
+    back to a patient.
+    """
+    if earlier is not None:
+        study = earlier.item.study["study_instance_uid"]
+        series = earlier.item.series["series_instance_uid"]
+        where = "arrived earlier in this batch"
+    elif row is not None:
+        archived: Any = row.series
+        study, series = archived.study.study_instance_uid, archived.series_instance_uid
+        where = "is archived"
+    else:
+        return None
+    differs = [
+        name
+        for name, ours, theirs in (
+            ("Study", item.study["study_instance_uid"], study),
+            ("Series", item.series["series_instance_uid"], series),
+        )
+        if ours != theirs
+    ]
+    if not differs:
+        return None
+    which = (
+        "the Study and Series Instance UIDs differ"
+        if len(differs) == 2
+        else f"the {differs[0]} Instance UID differs"
+    )
+    level = "study" if "Study" in differs else "series"
+    return _Conflict(
+        item,
+        "relational-conflict",
+        f"an instance with this SOP Instance UID {where} in another {level} ({which}); "
+        "it is kept, whatever duplicate_policy says",
+    )
+
+
 @dataclass
 class Counters:
     archived: int = 0
@@ -487,6 +651,11 @@ class Autoloader:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._recovering: set[str] = set()
         self._retry_after: dict[str, float] = {}
+        #: How long a file waits after a failure that may pass (disk full).
+        self.retry_after_seconds = RETRY_AFTER_SECONDS
+        #: The archive's file system is full: said once, until a batch fits again.
+        self._disk_full = False
+        self._disk_full_in_batch = False
         self._needs_reconcile = False
         self._next_wait: float | None = None
         self._made_folders: set[Path] = set()
@@ -497,6 +666,7 @@ class Autoloader:
         self._window_start = time.monotonic()
         self._window_count = 0
         self._last_depth = -1
+        self._seen = 0
         self.running = False
 
     # --- lifetime -----------------------------------------------------------------------------
@@ -688,7 +858,11 @@ class Autoloader:
     def _prepared_batches(self, names: list[str]) -> Iterator[list[Outcome]]:
         size = self.options.batch_size
         batches = [names[i : i + size] for i in range(0, len(names), size)]
-        pool = self._get_pool() if len(names) >= POOL_THRESHOLD else self._pool
+        # A backlog, or a steady stream (an SCP receiving a study arrives a few files per pass,
+        # never a backlog, while its thread needs this process's GIL): worth the pool.
+        self._seen += len(names)
+        busy = len(names) >= POOL_THRESHOLD or self._seen >= POOL_THRESHOLD
+        pool = self._get_pool() if busy else self._pool
         if pool is None:
             for batch in batches:
                 yield [prepare(job, self.anonymizer) for job in self._jobs(batch)]
@@ -749,13 +923,10 @@ class Autoloader:
 
     def _commit(self, outcomes: list[Outcome]) -> None:
         prepared = [o for o in outcomes if isinstance(o, Prepared)]
-        now = time.time()
+        self._disk_full_in_batch = False
         for outcome in outcomes:
             if isinstance(outcome, Postponed):
-                self.counters.postponed += 1
-                self._retry_after[outcome.name] = now + RETRY_AFTER_SECONDS
-                self._next_wait = RETRY_AFTER_SECONDS
-                self.sink(EngineError(where="autoloader", message=outcome.detail))
+                self._postpone(outcome, no_space=_says_no_space(outcome.detail))
         decisions = self._decide(prepared) if prepared else []
         places = [d for d in decisions if isinstance(d, _Place)]
         if prepared:
@@ -826,12 +997,56 @@ class Autoloader:
             self.journal.unlink(missing_ok=True)
             self._recovering.difference_update(p.name for p in prepared)
         self._emit_archived(places, created)
+        self._report_disk_full(bool(created))
+
+    def _postpone(self, outcome: Postponed, *, no_space: bool) -> None:
+        """Leave the file in incoming/ and try it again after ``retry_after_seconds``."""
+        self.counters.postponed += 1
+        self._retry_after[outcome.name] = time.time() + self.retry_after_seconds
+        self._next_wait = self.retry_after_seconds
+        if no_space:
+            self._disk_full_in_batch = True  # one alert for the episode: _report_disk_full
+        else:
+            self.sink(EngineError(where="autoloader", message=outcome.detail))
+
+    def _report_disk_full(self, archived: bool) -> None:
+        """Alert once when the archive disk fills up, and say so when archiving resumes.
+
+        A full disk postpones every file of every pass until there is room: one alert per file
+        and retry would bury the activity log (and the operator) in identical errors.
+        """
+        if self._disk_full_in_batch and not self._disk_full:
+            self._disk_full = True
+            message = (
+                f"archive disk full: {self._files_in_incoming()} files wait in incoming/; "
+                f"retrying every {self.retry_after_seconds:g} s"
+            )
+            log.warning("%s", message)
+            self.sink(EngineError(where="archive", message=message))
+        elif self._disk_full and archived and not self._disk_full_in_batch:
+            self._disk_full = False
+            message = "the archive disk has room again: archiving resumed"
+            log.info("%s", message)
+            self.sink(ArchivingResumed(where="archive", message=message))
+
+    def _files_in_incoming(self) -> int:
+        count = 0
+        for _folder, dirs, files in os.walk(self.paths.incoming):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            count += sum(1 for f in files if not f.startswith(".") and not f.endswith(".part"))
+        return count
 
     def _decide(self, prepared: list[Prepared]) -> list[_Place | _Drop | _Conflict]:
         uids = list({p.sop_instance_uid for p in prepared})
+        # The series and study come in the same query: row.series.study needs no query of its own.
         existing = {
             row.sop_instance_uid: row
-            for row in db.Instance.select().where(db.Instance.sop_instance_uid.in_(uids))
+            for row in db.Instance.select(
+                db.Instance, db.Series.series_instance_uid, db.Study.study_instance_uid
+            )
+            .join(db.Series)
+            .join(db.Study)
+            .where(db.Instance.sop_instance_uid.in_(uids))
         }
         placed: dict[str, _Place] = {}
         decisions: list[_Place | _Drop | _Conflict] = []
@@ -843,6 +1058,12 @@ class Autoloader:
             if earlier is None and row is None:
                 placed[uid] = _Place(item)
                 decisions.append(placed[uid])
+                continue
+            conflict = _relational_conflict(item, earlier, row)
+            if conflict is not None:
+                # One SOP Instance UID in two studies or series: no policy may choose, and
+                # overwriting would move an archived instance silently.
+                decisions.append(conflict)
                 continue
             if earlier is None and row is not None and not self._archived_file_exists(row):
                 # The index points at a file that is gone: this copy restores it.
@@ -927,6 +1148,19 @@ class Autoloader:
         """Move the prepared file to its archive path; False when it must wait (see below)."""
         if not place.item.temp:
             return True  # adopting a file that is already in the archive
+        try:
+            return self._rename_into_archive(place)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            # A full file system can refuse a new folder or directory entry even when the
+            # file's data fitted: nothing is indexed, the file stays in incoming/.
+            _unlink(place.item.temp)
+            detail = f"cannot move into the archive: {exc.strerror or exc}"
+            self._postpone(Postponed(place.item.name, detail), no_space=exc.errno in NO_SPACE)
+            return False
+
+    def _rename_into_archive(self, place: _Place) -> bool:
         target = inside(self.paths.archive, PurePosixPath(place.archive_path))
         folder = target.parent
         if folder not in self._made_folders:
@@ -1222,7 +1456,7 @@ class Autoloader:
                 sop_instance_uid=refused.sop_instance_uid,
             )
         except OSError as exc:
-            self._retry_after[refused.name] = time.time() + RETRY_AFTER_SECONDS
+            self._retry_after[refused.name] = time.time() + self.retry_after_seconds
             self.sink(EngineError(where="quarantine", message=f"cannot quarantine: {exc}"))
             return
         self.counters.quarantined += 1

@@ -140,6 +140,14 @@ class EngineError(EngineEvent):
     message: str
 
 
+@dataclass(frozen=True)
+class ArchivingResumed(EngineEvent):
+    """Archiving works again after a pause an :class:`EngineError` announced (a full disk)."""
+
+    where: str
+    message: str
+
+
 # --- query/retrieve -------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from textual.strip import Strip
 
 from webaims_tui.engine.browse import human_size
 from webaims_tui.engine.events import (
+    ArchivingResumed,
     AssociationEnded,
     AssociationRejected,
     AssociationStarted,
@@ -111,7 +112,7 @@ class AssociationEntry:
 class OutcomeEntry:
     """An autoloader outcome, a rejected association or an error: one line."""
 
-    kind: str  # "archived", "duplicate", "quarantined", "rejected", "failed", "error"
+    kind: str  # "archived", "duplicate", "quarantined", "rejected", "failed", "error", "resumed"
     at: datetime
     text: str
     calling_ae: str = ""
@@ -358,6 +359,9 @@ class ActivityModel:
     def _error(self, event: EngineError) -> None:
         self._append(OutcomeEntry("error", event.at, f"{event.where}: {event.message}"))
 
+    def _resumed(self, event: ArchivingResumed) -> None:
+        self._append(OutcomeEntry("resumed", event.at, f"{event.where}: {event.message}"))
+
     _HANDLERS: dict[type, Callable[[ActivityModel, EngineEvent], None]] = {
         AssociationStarted: _started,  # type: ignore[dict-item]
         InstanceReceived: _received,  # type: ignore[dict-item]
@@ -369,6 +373,7 @@ class ActivityModel:
         InstanceQuarantined: _quarantined,  # type: ignore[dict-item]
         QueueDepth: _queue,  # type: ignore[dict-item]
         EngineError: _error,  # type: ignore[dict-item]
+        ArchivingResumed: _resumed,  # type: ignore[dict-item]
     }
 
 
@@ -385,6 +390,7 @@ OUTCOME_STYLE = {
     "rejected": "activity--error",
     "failed": "activity--error",
     "error": "activity--error",
+    "resumed": "activity--ok",
 }
 
 
