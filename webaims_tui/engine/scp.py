@@ -346,6 +346,10 @@ class StorageServer:
             state = self._associations.pop(id(event.assoc), None)
         if state is None:
             return  # rejected, or closed before association
+        if state.outcome == "connection closed" and event.assoc.acse.is_aborted("a-abort"):
+            # The peer's A-ABORT closes the connection in the DUL thread, which can get here
+            # before the association thread has seen the abort and fired EVT_ABORTED.
+            state.outcome = "aborted"
         duration = time.monotonic() - state.started
         log.info(
             "association %d from %s (%s) %s: %d instances, %d failures, %d bytes in %.2fs",
