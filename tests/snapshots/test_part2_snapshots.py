@@ -230,8 +230,17 @@ async def _rules(pilot: Pilot[None]) -> None:
             Rule(match="StudyDescription", action="keep"),
         ),
     )
+    leaking = app.engine.save_rule_set(study)
     app.engine.save_rule_set(study)
-    app.engine.save_rule_set(study)
+    # Version 1 ran: StudyDescription, which it keeps, named the patient in three files, and
+    # the residual-PHI check quarantined them (the rules screen marks the version).
+    for number in range(3):
+        db.QuarantineEntry.create(
+            path=f"residual-phi/leak-{number}.dcm",
+            reason="residual-phi",
+            detail="StudyDescription still holds the PatientName value after rule set 'study-x'",
+            ruleset_version=leaking.id,
+        )
     await pilot.press("4")
     screen = app.screen
     assert isinstance(screen, RulesScreen)

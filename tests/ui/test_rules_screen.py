@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from rich.text import Text
 from textual.coordinate import Coordinate
 from textual.widgets import Button, DataTable, Input, Label, Select, Static
 
@@ -14,9 +19,11 @@ from tests.ui.conftest import SIZE, wait_until
 from webaims_tui.app import WebaimsApp
 from webaims_tui.config import Settings, ensure_folders
 from webaims_tui.engine import rules
+from webaims_tui.engine.profile import default_rule_set
+from webaims_tui.engine.service import Engine
 from webaims_tui.screens.dialogs import ConfirmScreen
 from webaims_tui.screens.rule_form import RuleFormScreen
-from webaims_tui.screens.rules import PathScreen, PreviewScreen, RulesScreen
+from webaims_tui.screens.rules import PathScreen, PreviewScreen, RuleSetTable, RulesScreen
 
 # Each drives a whole running app (engine, threads, dialogs): several seconds on 2 cores.
 pytestmark = pytest.mark.slow
@@ -160,3 +167,64 @@ async def test_export_and_import_toml(settings: Settings, tmp_path: Path) -> Non
         await wait_until(pilot, lambda: "Not imported" in _render(message), "the refusal")
         assert "NoSuchKeyword" in _render(message)
         assert screen.draft.name == "imported"
+
+
+def _leaking_file(folder: Path) -> Path:
+    """CT_small.dcm (a new instance UID each time) with the patient's name in free text."""
+    dataset = dcmread(TEST_FILES / "CT_small.dcm")
+    dataset.StudyDescription = f"Follow-up of {dataset.PatientName}"
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = folder / f"{dataset.SOPInstanceUID}.dcm"
+    dataset.save_as(path)
+    return path
+
+
+def _quarantine_a_leak(engine: Engine, folder: Path) -> None:
+    """One file through the autoloader with the active rule set; it must be quarantined."""
+    engine.import_paths([_leaking_file(folder)])
+    counters = engine.process_incoming()
+    assert counters is not None and counters.quarantined == 1
+
+
+async def test_the_version_that_leaked_phi_is_marked(settings: Settings, tmp_path: Path) -> None:
+    # "leaking" v1 keeps StudyDescription, which names the patient: the residual-PHI check
+    # quarantines the file. "clean" v1 never ran on anything.
+    engine = Engine(settings)
+    engine.open()
+    try:
+        engine.save_rule_set(dataclasses.replace(default_rule_set(), name="clean"))
+        keep = rules.Rule(match="StudyDescription", action="keep")
+        leaking = dataclasses.replace(
+            default_rule_set(), name="leaking", rules=(*default_rule_set().rules, keep)
+        )
+        stored = engine.save_rule_set(leaking)
+        leaked = engine.activate_rule_set(stored.name, stored.version)
+        _quarantine_a_leak(engine, tmp_path)
+    finally:
+        engine.stop()
+
+    app = WebaimsApp(settings, start_server=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.engine_ready, "the engine")
+        await pilot.press("4")
+        screen = app.screen
+        assert isinstance(screen, RulesScreen)
+        table = screen.query_one("#rule-sets", RuleSetTable)
+        await wait_until(pilot, lambda: table.row_count == 2, "the stored list")
+        clean = next(s for s in screen.stored if s.name == "clean")
+        assert table.get_cell(str(clean.id), "leaks") == ""
+        mark = table.get_cell(str(leaked.id), "leaks")
+        assert isinstance(mark, Text) and mark.plain == "⚠ 1"
+        # Its look comes from the stylesheet's rule for the component class.
+        style = table.get_component_rich_style("rule-set-table--leaks", partial=True)
+        assert mark.style == style and style.bold and style.color is not None
+
+        # A leak while another screen is shown is counted when the rules screen comes back.
+        await pilot.press("1")
+        await asyncio.to_thread(_quarantine_a_leak, app.engine, tmp_path)
+        await pilot.press("4")
+        await wait_until(
+            pilot,
+            lambda: str(table.get_cell(str(leaked.id), "leaks")) == "⚠ 2",
+            "the new count",
+        )

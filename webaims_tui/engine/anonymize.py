@@ -58,13 +58,22 @@ class AnonymizationResult:
     ruleset_version: int | None
 
 
+#: The refusal reason (and quarantine folder) of an instance the residual-PHI check caught.
+RESIDUAL_PHI = "residual-phi"
+
+
 class AnonymizationRefused(Exception):
-    """The instance must not be archived; ``reason`` names the quarantine folder."""
+    """The instance must not be archived; ``reason`` names the quarantine folder.
+
+    ``ruleset_version`` is the RuleSet row id of the stored rule set that refused, set by
+    :meth:`RuleAnonymizer.anonymize` (None for a draft's dry run): the quarantine entry keeps it.
+    """
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.ruleset_version: int | None = None
 
 
 class Anonymizer(Protocol):
@@ -204,7 +213,12 @@ class RuleAnonymizer:
 
     def anonymize(self, dataset: Dataset) -> AnonymizationResult:
         """Anonymize ``dataset`` in place; AnonymizationRefused when it must be quarantined."""
-        self._run(dataset, trace=None)
+        try:
+            self._run(dataset, trace=None)
+        except AnonymizationRefused as refused:
+            # Set here rather than at each raise: every refusal names the version behind it.
+            refused.ruleset_version = self.version
+            raise
         return AnonymizationResult(dataset=dataset, ruleset_version=self.version)
 
     def dry_run(self, dataset: Dataset) -> DryRunReport:
@@ -267,7 +281,7 @@ class RuleAnonymizer:
         hit = phi.find_residual(dataset, watchlist)
         if hit is not None:
             raise AnonymizationRefused(
-                "residual-phi",
+                RESIDUAL_PHI,
                 f"{hit.path} still holds the {hit.source} value after rule set "
                 f"{self.rule_set.name!r}",
             )

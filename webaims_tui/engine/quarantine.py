@@ -1,8 +1,9 @@
 """Quarantine: files the autoloader could not archive, kept with a sidecar that says why.
 
 A quarantined file sits in ``quarantine/<reason>/<name>`` next to ``<name>.json`` (reason, detail,
-when, source AE, original name) and has a :class:`db.QuarantineEntry` row. Nothing here deletes a
-file: a retry moves it back into ``incoming/``.
+when, source AE, original name, the rule set version that refused it) and has a
+:class:`db.QuarantineEntry` row. Nothing here deletes a file: a retry moves it back into
+``incoming/``.
 
 Step order (crash safety): the sidecar is written first, then the file is moved out of incoming/,
 then the row is inserted. :func:`reconcile_quarantine` repairs what a kill between those steps
@@ -63,8 +64,12 @@ def quarantine_file(
     detail: str,
     source_ae: str,
     sop_instance_uid: str = "",
+    ruleset_version: int | None = None,
 ) -> db.QuarantineEntry:
-    """Move ``source`` into ``quarantine/<reason>/`` with its sidecar and row."""
+    """Move ``source`` into ``quarantine/<reason>/`` with its sidecar and row.
+
+    ``ruleset_version`` is the RuleSet row id of the rule set that refused the file, if one did.
+    """
     folder = quarantine_root / sanitize_component(reason)
     folder.mkdir(parents=True, exist_ok=True)
     destination = _free_name(folder, source.name)
@@ -79,6 +84,7 @@ def quarantine_file(
         "incoming_name": source.name,
         "sop_instance_uid": sop_instance_uid,
         "size": source.stat().st_size if source.exists() else 0,
+        "ruleset_version": ruleset_version,
     }
     _write_json(Path(str(destination) + SIDECAR_SUFFIX), sidecar)
     _move(source, destination)
@@ -89,6 +95,7 @@ def quarantine_file(
         source=source_ae[:64],
         sop_instance_uid=sop_instance_uid[:64],
         created_at=now,
+        ruleset_version=ruleset_version,
     )
 
 
@@ -155,12 +162,14 @@ def reconcile_quarantine(quarantine_root: Path) -> int:
             if relative in known:
                 continue
             info = _read_json(Path(str(path) + SIDECAR_SUFFIX))
+            version = info.get("ruleset_version")
             db.QuarantineEntry.create(
                 path=relative,
                 reason=str(info.get("reason") or Path(relative).parts[0])[:64],
                 detail=str(info.get("detail", "found in quarantine without an index entry")),
                 source=str(info.get("source_ae", ""))[:64],
                 sop_instance_uid=str(info.get("sop_instance_uid", ""))[:64],
+                ruleset_version=version if isinstance(version, int) else None,
             )
             repairs += 1
     for relative, row in known.items():

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import cast
 
 import peewee as pw
+from pydicom.filereader import read_file_meta_info
 
 from webaims_tui.config import (
     RECORD_UNITS,
@@ -248,6 +249,27 @@ class Engine:
             self.autoloader.stop()
             self.autoloader = None
             self._start_autoloader()
+
+    def residual_phi_leaks(self) -> dict[int, int]:
+        """How many quarantined files each rule set version leaked, by StoredRuleSet.id.
+
+        A leak is a file the residual-PHI check caught: the version left an identifying value
+        in it. Versions without one are absent; a file released for a retry no longer counts.
+        """
+        self.open()
+        entry = db.QuarantineEntry
+        with db.database.connection_context():
+            query = (
+                entry.select(entry.ruleset_version, pw.fn.COUNT(entry.id))
+                .where(
+                    entry.reason == anonymization.RESIDUAL_PHI,
+                    entry.ruleset_version.is_null(False),
+                )
+                .group_by(entry.ruleset_version)
+                .tuples()
+            )
+            rows = cast("Iterable[tuple[int, int]]", query)
+            return {int(version): int(count) for version, count in rows}
 
     def dry_run(
         self, path: Path, rule_set: anonymization_rules.RuleSet | None = None
@@ -502,40 +524,94 @@ class Engine:
     def archived_original_sop_uids(
         self, study_instance_uid: str, candidates: Collection[str]
     ) -> set[str]:
-        """Which of these *original* SOP Instance UIDs the archive already holds.
+        """Which of these *original* SOP Instance UIDs the archive holds or is about to hold.
 
-        Two honest sources, either is enough: the archive itself (each original UID mapped to
-        the UID the autoloader's anonymizer writes, ``replacement_uid``, or kept as is by the
-        pass-through), and what the SCP and C-GET logged as received (original UIDs, which
-        covers files still waiting in incoming/ or quarantined). ``study_instance_uid`` is
-        for a future linkage-database lookup scoped to the study.
+        Held means indexed in the archive (each original UID mapped to the UID the autoloader's
+        anonymizer writes, ``replacement_uid``, or kept as is by the pass-through), quarantined
+        (kept as received), or waiting in incoming/. The log of received instances is no
+        source: an instance received, archived and then deleted in the browser is missing,
+        and "fetch missing" must bring it back. ``study_instance_uid`` is for a future
+        linkage-database lookup scoped to the study.
         """
         wanted = list(dict.fromkeys(candidates))
-        found: set[str] = set()
+        found = self._waiting_sop_uids() & set(wanted)
         to_archive_uid = self._archive_uid_mapper()
         with db.database.connection_context():
             for start in range(0, len(wanted), 500):
-                batch = wanted[start : start + 500]
-                log_rows = db.ReceivedInstanceLog
-                query = log_rows.select(log_rows.sop_instance_uid).where(
-                    log_rows.sop_instance_uid.in_(batch), log_rows.status == 0
-                )
-                found.update(row.sop_instance_uid for row in query)
-                mapped = {to_archive_uid(uid): uid for uid in batch if uid not in found}
-                mapped.pop(None, None)
+                batch = [uid for uid in wanted[start : start + 500] if uid not in found]
+                mapped: dict[str, str] = {}
+                for uid in batch:
+                    archive_uid = to_archive_uid(uid)
+                    if archive_uid is not None:
+                        mapped[archive_uid] = uid
                 if mapped:
                     archived = db.Instance.select(db.Instance.sop_instance_uid).where(
                         db.Instance.sop_instance_uid.in_(list(mapped))
                     )
                     found.update(mapped[row.sop_instance_uid] for row in archived)
+                # A conflict is quarantined after anonymizing, anything else as received.
+                either = {**{uid: uid for uid in batch}, **mapped}
+                quarantine = db.QuarantineEntry
+                held = quarantine.select(quarantine.sop_instance_uid).where(
+                    quarantine.sop_instance_uid.in_(list(either))
+                )
+                found.update(either[row.sop_instance_uid] for row in held)
         return found
 
-    def _archive_uid_mapper(self) -> Callable[[str], str | None]:
-        """Original SOP Instance UID -> the UID the archive stores it under (None: unknown)."""
+    def _waiting_sop_uids(self) -> set[str]:
+        """SOP Instance UIDs of the files waiting in incoming/, from their file meta."""
+        found: set[str] = set()
+        for folder, dirs, files in os.walk(self.settings.paths.incoming):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for file in files:
+                if file.startswith(".") or file.endswith(".part"):
+                    continue
+                try:
+                    meta = read_file_meta_info(os.path.join(folder, file))
+                    found.add(str(meta.MediaStorageSOPInstanceUID))
+                except Exception:  # gone meanwhile, or not DICOM: the autoloader will say
+                    continue
+        return found
+
+    def _archive_uid_mapper(self, keyword: str = "SOPInstanceUID") -> Callable[[str], str | None]:
+        """Original UID in ``keyword`` -> the UID the archive stores it under (None: unknown)."""
         replacement = getattr(self.anonymizer, "replacement_uid", None)
         if callable(replacement):
-            return lambda original: cast("str | None", replacement(original))
+            return lambda original: cast("str | None", replacement(original, keyword))
         return lambda original: original  # pass-through keeps the UIDs
+
+    def archived_study_sizes(self, study_instance_uids: Collection[str]) -> dict[str, int]:
+        """How many instances the archive holds of each study, by *original* Study Instance UID.
+
+        No association: the archive's own rows, found through the UID the anonymizer writes for
+        each original (``replacement_uid``, as :meth:`archived_original_sop_uids` does for
+        instances). Compared with a C-FIND's NumberOfStudyRelatedInstances this marks a result
+        list without an IMAGE-level query per study. A study the archive lacks counts 0; a UID
+        the rule set does not derive from the original (removed or set) is left out, since only
+        the remote instance list (:meth:`verify`) can tell then. Files still waiting in
+        incoming/ or quarantined are not counted.
+        """
+        to_archive_uid = self._archive_uid_mapper("StudyInstanceUID")
+        originals: dict[str, str] = {}
+        for uid in dict.fromkeys(study_instance_uids):
+            archived_uid = to_archive_uid(uid)
+            if archived_uid is not None:
+                originals[archived_uid] = uid
+        sizes = dict.fromkeys(originals.values(), 0)
+        archived_uids = list(originals)
+        with db.database.connection_context():
+            for start in range(0, len(archived_uids), 500):
+                query = (
+                    db.Study.select(db.Study.study_instance_uid, pw.fn.COUNT(db.Instance.id))
+                    .join(db.Series)
+                    .join(db.Instance)
+                    .where(db.Study.study_instance_uid.in_(archived_uids[start : start + 500]))
+                    .group_by(db.Study.study_instance_uid)
+                    .tuples()
+                )
+                for archived_uid, held in cast("Iterable[tuple[str, int]]", query):
+                    sizes[originals[archived_uid]] = int(held)
+        return sizes
 
     def verify(
         self, node: str | qr.Peer, study_instance_uid: str, series_instance_uid: str = ""

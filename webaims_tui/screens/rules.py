@@ -20,12 +20,13 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen, Screen
+from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, Input, Select, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
 from webaims_tui.engine import anonymize, rules
 from webaims_tui.engine.profile import default_rule_set
+from webaims_tui.screens.base import WebaimsScreen
 from webaims_tui.screens.dialogs import ConfirmScreen
 from webaims_tui.screens.rule_form import RuleFormScreen
 from webaims_tui.widgets.status_header import StatusHeader
@@ -111,7 +112,7 @@ class PathScreen(ModalScreen[Path | None]):
         self.dismiss(None)
 
 
-class PreviewScreen(Screen[None]):
+class PreviewScreen(WebaimsScreen):
     """Side-by-side before/after of one instance under the draft rule set, and the verdict."""
 
     TITLE = "Rule preview"
@@ -127,13 +128,6 @@ class PreviewScreen(Screen[None]):
         self.source = source
         self.report: anonymize.DryRunReport | None = None
         self.show_all = False
-
-    @property
-    def webaims(self) -> WebaimsApp:
-        from webaims_tui.app import WebaimsApp
-
-        assert isinstance(self.app, WebaimsApp)
-        return self.app
 
     def compose(self) -> ComposeResult:
         yield StatusHeader()
@@ -251,13 +245,33 @@ def _acted_by(label: str) -> str:
     return label.split(" ", 1)[0] if label else ""
 
 
-class RulesScreen(Screen[None]):
+class RuleSetTable(DataTable[str | Text]):
+    """The stored rule set versions; one that left PHI in files is marked with their count.
+
+    The mark takes the ``rule-set-table--leaks`` style from styles/app.tcss: a table cell
+    cannot carry a CSS class itself, a component class is how the stylesheet reaches it.
+    """
+
+    COMPONENT_CLASSES = DataTable.COMPONENT_CLASSES | {"rule-set-table--leaks"}
+
+    def leak_mark(self, leaks: int) -> Text | str:
+        """The PHI column's cell for a version that leaked ``leaks`` files."""
+        if not leaks:
+            return ""
+        return Text(
+            f"⚠ {leaks}", self.get_component_rich_style("rule-set-table--leaks", partial=True)
+        )
+
+
+class RulesScreen(WebaimsScreen):
     """Mode ``rules``: stored rule sets on the left, the draft being edited on the right."""
 
     TITLE = "Anonymization rules"
     HELP = """\
 [b]Anonymization rules[/b]
 Left: every stored rule set version (● = active). Enter on one loads it into the editor.
+PHI ⚠ n: that version left identifying values in n files, which the residual-PHI check sent
+to quarantine/residual-phi/ instead of the archive.
 Right: the draft. Its name (saving under a new name starts a new rule set), the profile
 (basic: PS3.15 Basic Profile; none: only the rules), date handling, the option switches
 (space toggles), the rules in order (the first rule matching an element decides;
@@ -289,20 +303,12 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
         self.dirty = False
         self.errors: list[rules.RuleError] = []
 
-    @property
-    def webaims(self) -> WebaimsApp:
-        from webaims_tui.app import WebaimsApp
-
-        assert isinstance(self.app, WebaimsApp)
-        return self.app
-
     # --- layout -------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
         yield StatusHeader()
         with Horizontal(id="rules-body"):
-            sets: DataTable[str | Text] = DataTable(id="rule-sets", cursor_type="row")
-            yield sets
+            yield RuleSetTable(id="rule-sets", cursor_type="row")
             with Vertical(id="rules-editor"):
                 with Horizontal(id="rules-name-bar"):
                     yield Input(self.draft.name, placeholder="rule set name", id="rules-name")
@@ -332,6 +338,7 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
         sets = self.query_one("#rule-sets", DataTable)
         for column in ("", "Rule set", "v"):
             sets.add_column(column, key=column or "active")
+        sets.add_column("PHI", key="leaks")
         table = self.query_one("#rules-table", DataTable)
         for column in ("#", "!", "Match", "Action", "Argument", "Comment"):
             table.add_column(column, key=column)
@@ -343,38 +350,60 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
     def engine_ready(self) -> None:
         self.load_stored(open_active=self.loaded is None and not self.dirty)
 
+    def on_screen_resume(self) -> None:
+        # Files quarantined while another screen was shown change the leak counts (until the
+        # first load has listed anything, that load is still to come and fetches them). Its
+        # own worker group: an exclusive "rules" load would cancel a save or an activation
+        # just started by the dialog whose closing resumed this screen.
+        if self.stored:
+            self.load_leaks()
+
     # --- stored rule sets ---------------------------------------------------------------------
 
     @work(thread=True, group="rules", exclusive=True, exit_on_error=False, name="rule sets")
     def load_stored(self, open_active: bool = False) -> None:
         engine = self.webaims.engine
         stored = engine.rule_sets()
+        leaks = engine.residual_phi_leaks()
         draft: tuple[rules.RuleSet, rules.StoredRuleSet] | None = None
         if open_active:
             active = next((s for s in stored if s.active), None)
             if active is not None:
                 draft = engine.rule_set(active.name, active.version)
-        self.app.call_from_thread(self.show_stored, stored, draft)
+        self.app.call_from_thread(self.show_stored, stored, leaks, draft)
 
     def show_stored(
         self,
         stored: list[rules.StoredRuleSet],
+        leaks: dict[int, int],
         draft: tuple[rules.RuleSet, rules.StoredRuleSet] | None = None,
     ) -> None:
         self.stored = stored
-        table = self.query_one("#rule-sets", DataTable)
+        table = self.query_one("#rule-sets", RuleSetTable)
         table.clear()
         for item in reversed(stored):  # newest first
             table.add_row(
                 Text("●", style="green") if item.active else "",
                 item.name,
                 str(item.version),
+                table.leak_mark(leaks.get(item.id, 0)),
                 key=str(item.id),
             )
         if draft is not None:
             self.open(*draft)
         else:
             self.show_state()
+
+    @work(thread=True, group="rule-leaks", exclusive=True, exit_on_error=False, name="leaks")
+    def load_leaks(self) -> None:
+        leaks = self.webaims.engine.residual_phi_leaks()
+        self.app.call_from_thread(self.show_leaks, leaks)
+
+    def show_leaks(self, leaks: dict[int, int]) -> None:
+        table = self.query_one("#rule-sets", RuleSetTable)
+        for item in self.stored:  # the table's rows: both are set together by show_stored
+            mark = table.leak_mark(leaks.get(item.id, 0))
+            table.update_cell(str(item.id), "leaks", mark, update_width=True)
 
     @on(DataTable.RowSelected, "#rule-sets")
     def open_selected(self, event: DataTable.RowSelected) -> None:
