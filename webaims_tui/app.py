@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from textual import on, work
-from textual.app import App, SystemCommand
+from textual.app import App, ScreenStackError, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
@@ -277,7 +277,10 @@ class WebaimsApp(App[None]):
 
     def tick(self) -> None:
         """Redraw what the current screen shows from the models (the timer's callback)."""
-        screen = self.screen
+        try:
+            screen = self.screen
+        except ScreenStackError:
+            return  # shutting down: Textual empties the stack before the timer stops
         status = self.status()
         for header in screen.query(StatusHeader):
             header.show(status)
@@ -354,7 +357,11 @@ class WebaimsApp(App[None]):
 
 
 def _disk_free(path: Path) -> int:
-    return shutil.disk_usage(path if path.exists() else path.parent).free
+    # Before the engine has made the folders (first start), the nearest existing one is on the
+    # same file system as far as anyone can know.
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def make_app(settings: Settings) -> WebaimsApp:

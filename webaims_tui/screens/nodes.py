@@ -12,16 +12,15 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from webaims_tui.engine import nodes as remote_nodes
+from webaims_tui.screens.base import WebaimsScreen
 from webaims_tui.screens.dialogs import ConfirmScreen
 from webaims_tui.screens.node_form import NodeFormScreen
 from webaims_tui.widgets.status_header import StatusHeader
 
 if TYPE_CHECKING:
-    from webaims_tui.app import WebaimsApp
     from webaims_tui.engine import db, qr
 
 
@@ -34,7 +33,7 @@ def last_echo(node: db.RemoteNode) -> Text:
     return Text(f"FAILED {when}", style="bold red")
 
 
-class NodesScreen(Screen[None]):
+class NodesScreen(WebaimsScreen):
     """Mode ``nodes``: a table of nodes; a form to add or edit one."""
 
     TITLE = "Remote nodes"
@@ -55,13 +54,6 @@ succeeding does not prove that; a retrieve says so when it is the problem."""
     def __init__(self) -> None:
         super().__init__()
         self.nodes: list[db.RemoteNode] = []
-
-    @property
-    def webaims(self) -> WebaimsApp:
-        from webaims_tui.app import WebaimsApp
-
-        assert isinstance(self.app, WebaimsApp)
-        return self.app
 
     def compose(self) -> ComposeResult:
         yield StatusHeader()

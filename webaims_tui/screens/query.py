@@ -5,10 +5,15 @@ at a time (a PACS serves one C-MOVE per association well, and one at a time keep
 events attributable to their job: the engine's ``RetrieveStarted`` carries no job of ours, so the
 running job claims the next one). Progress arrives as engine events through the app's sink ->
 message path and the app forwards query/retrieve events to :meth:`QueryScreen.engine_event`.
+
+Workers catch the failures they expect (QRFailure: the network or the PACS said no); anything
+else ends the worker, and :meth:`QueryScreen.recover_from_worker_failure` leaves the busy state
+and says what to do next, so the screen stays usable whatever went wrong.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -19,8 +24,8 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, Select, Static
+from textual.worker import Worker, WorkerState
 
 from webaims_tui.engine import qr
 from webaims_tui.engine.events import (
@@ -30,11 +35,14 @@ from webaims_tui.engine.events import (
     RetrieveProgress,
     RetrieveStarted,
 )
+from webaims_tui.engine.nodes import NodeError
+from webaims_tui.screens.base import WebaimsScreen
 from webaims_tui.widgets.status_header import StatusHeader
 
 if TYPE_CHECKING:
-    from webaims_tui.app import WebaimsApp
     from webaims_tui.engine import db
+
+log = logging.getLogger(__name__)
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 
@@ -48,11 +56,16 @@ NEXT_STEP: dict[str, str] = {
     "context-not-accepted": "Switch the node's query model or retrieve method (Nodes, 5).",
     "tls": "Check the node's TLS certificate files and the PACS's TLS port.",
     "failed": "The PACS answered with a failure status; see its log.",
+    "node": "The node was removed or renamed meanwhile (CLI or another window): pick one from "
+    "the list, or add it again on the Nodes screen (5).",
+    "unexpected": "An unexpected error (traceback in webaims-tui.log): retry; if it happens "
+    "again, report it with the log.",
 }
 
 #: Quick date choices: label -> days back (None = any date).
 DATE_CHOICES: dict[str, int | None] = {"today": 0, "7d": 6, "30d": 29, "any": None}
-#: Study rows whose archive state is checked after a query (an IMAGE-level C-FIND each).
+#: Studies listed at IMAGE level (a C-FIND and its C-ECHO each) to mark their archive state, at
+#: most: after a query those the PACS gave no instance count for, after a retrieve its studies.
 MAX_STATUS_CHECKS = 50
 #: Sortable columns (key of ResultEntry.sort_value), in the order "s" cycles through them.
 SORT_KEYS = ("date", "patient", "id", "modality", "description", "images")
@@ -169,6 +182,20 @@ def echo_text(node: db.RemoteNode | None) -> Text:
     return text
 
 
+def classify_failure(error: BaseException | None, where: str) -> tuple[str, str]:
+    """The kind (a key of NEXT_STEP) and message of a worker's failure.
+
+    QRFailure keeps its own kind; a NodeError means the node went away under the screen. Any
+    other error is logged with its traceback, since the screen shows only one line of it.
+    """
+    if isinstance(error, qr.QRFailure):
+        return error.kind, error.message
+    if isinstance(error, NodeError):
+        return "node", str(error)
+    log.error("%s failed unexpectedly", where, exc_info=error)
+    return "unexpected", f"{type(error).__name__}: {error}"
+
+
 def date_range(choice: str, today: date) -> str:
     """A DICOM date range for a quick choice, relative to ``today``."""
     days = DATE_CHOICES[choice]
@@ -180,7 +207,7 @@ def date_range(choice: str, today: date) -> str:
     return f"{start:%Y%m%d}-{today:%Y%m%d}"
 
 
-class QueryScreen(Screen[None]):
+class QueryScreen(WebaimsScreen):
     """Mode ``query``: C-FIND form, results table, retrieve queue."""
 
     TITLE = "Query/Retrieve"
@@ -223,13 +250,6 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
         self._job_numbers = 0
         self._runner_active = False
         self._current: RetrieveJob | None = None
-
-    @property
-    def webaims(self) -> WebaimsApp:
-        from webaims_tui.app import WebaimsApp
-
-        assert isinstance(self.app, WebaimsApp)
-        return self.app
 
     # --- layout -------------------------------------------------------------------------------
 
@@ -431,9 +451,9 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
         table = self.query_one("#qr-results", DataTable)
         if self.entries:
             table.focus()
-        studies = [e.row.study_instance_uid for e in self.entries if isinstance(e.row, qr.StudyRow)]
+        studies = [e.row for e in self.entries if isinstance(e.row, qr.StudyRow)]
         if studies and check_archive and self.webaims.engine_ready:
-            self.check_archive(node, studies[:MAX_STATUS_CHECKS])
+            self.check_archive(node, studies)
 
     # --- the results table --------------------------------------------------------------------
 
@@ -619,15 +639,40 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
 
     # --- archive state ------------------------------------------------------------------------
 
-    @work(thread=True, group="qr-archive", exclusive=True, exit_on_error=False, name="verify")
-    def check_archive(self, node: str, study_uids: list[str]) -> None:
-        """Compare each study's remote instance list with the archive's own record."""
-        for uid in study_uids:
+    @work(
+        thread=True, group="qr-archive", exclusive=True, exit_on_error=False, name="archive marks"
+    )
+    def check_archive(self, node: str, studies: list[qr.StudyRow]) -> None:
+        """Mark each study: the archive's count of its instances against the PACS's count.
+
+        The PACS's count came with the STUDY-level answer (NumberOfStudyRelatedInstances) and
+        the archive counts its own rows, so this needs no association. Only a study the PACS
+        gave no count for (or whose archived UID the rule set does not derive) is listed at
+        IMAGE level, an association and its C-ECHO each, for at most MAX_STATUS_CHECKS studies.
+        """
+        engine = self.webaims.engine
+        counted = [s.study_instance_uid for s in studies if s.instances is not None]
+        sizes = engine.archived_study_sizes(counted)
+        marks: list[tuple[str, int, int]] = []
+        unknown: list[str] = []
+        for study in studies:
+            held = sizes.get(study.study_instance_uid)
+            if study.instances is None or held is None:
+                unknown.append(study.study_instance_uid)
+            else:
+                marks.append((study.study_instance_uid, held, study.instances))
+        self.app.call_from_thread(self.set_archive_states, marks)
+        for uid in unknown[:MAX_STATUS_CHECKS]:
             try:
-                report = self.webaims.engine.verify(node, uid)
+                report = engine.verify(node, uid)
             except qr.QRFailure:
                 continue  # the query itself worked; a missing state is not worth an error
             self.app.call_from_thread(self.set_archive_state, uid, report.held, report.remote)
+
+    def set_archive_states(self, marks: list[tuple[str, int, int]]) -> None:
+        """Several (study UID, held, remote) marks in one call from a worker thread."""
+        for study_uid, held, remote in marks:
+            self.set_archive_state(study_uid, held, remote)
 
     def set_archive_state(self, study_uid: str, held: int, remote: int) -> None:
         if held == 0:
@@ -748,12 +793,13 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
                 else:
                     summary = engine.retrieve(job.node, job.targets, cancel=job.token)
                     message = summary.message
-            except qr.QRFailure as exc:
-                failure, message = exc.kind, exc.message
             except Exception as exc:  # the queue must go on; the row says what happened
-                failure, message = "failed", f"{type(exc).__name__}: {exc}"
+                failure, message = classify_failure(exc, f"retrieve #{job.number}")
             self._settle(engine)
             self.app.call_from_thread(self._job_finished, job, summary, failure, message)
+            # Not the archive's own count: right after a retrieve the files may still wait in
+            # incoming/, and verify also counts what the SCP logged as received. One IMAGE-level
+            # C-FIND per study is small beside the retrieve's own associations.
             for uid in job.study_uids[:MAX_STATUS_CHECKS]:
                 try:
                     report_after = engine.verify(job.node, uid)
@@ -821,6 +867,42 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
         for row in self.query(RetrieveRow):
             if row.job is job:
                 row.refresh_from_job()
+
+    def _restart_runner(self, message: str) -> None:
+        """After the runner ended on an exception: fail its job, run what is still queued."""
+        job = self._current
+        if job is not None and job.state == "running":
+            job.state = "failed"
+            job.message = message
+            self.refresh_job(job)
+        self._runner_active = False
+        self._current = None
+        # Only a runner that had claimed a job is restarted: one that fails before claiming
+        # any would fail again, forever.
+        if job is not None and any(j.state == "queued" for j in self.jobs):
+            self._runner_active = True
+            self.run_retrieves()
+
+    # --- worker failures ----------------------------------------------------------------------
+
+    @on(Worker.StateChanged)
+    def recover_from_worker_failure(self, event: Worker.StateChanged) -> None:
+        """A worker ended on an exception: leave its busy state and say what to do next.
+
+        The base class hands the same event to the app, which notifies; without this a query
+        whose node was removed meanwhile would stay "Querying…" forever.
+        """
+        if event.state != WorkerState.ERROR:
+            return
+        worker = event.worker
+        kind, message = classify_failure(worker.error, worker.name)
+        if worker.group == "qr-find":
+            self.set_class(False, "-querying")
+        elif worker.group == "retrieve":
+            self._restart_runner(message)
+        self.explain(kind, f"{worker.name} failed: {message}")
+        if kind == "node":
+            self.load_nodes()  # the node list then shows which nodes are left
 
     # --- engine events (forwarded by the app) -------------------------------------------------
 

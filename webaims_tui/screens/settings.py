@@ -16,14 +16,15 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen, Screen
+from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, Input, Static
 
 from webaims_tui.config import ConfigError, Settings
+from webaims_tui.screens.base import WebaimsScreen
 from webaims_tui.widgets.status_header import StatusHeader
 
 if TYPE_CHECKING:
-    from webaims_tui.app import WebaimsApp
+    pass
 
 #: Keys edited elsewhere but live: shown with where to change them.
 ELSEWHERE = {"anonymization.active_rule_set": "Rules screen (4)"}
@@ -84,7 +85,7 @@ class EditSettingScreen(ModalScreen[str | None]):
         self.dismiss(None)
 
 
-class SettingsScreen(Screen[None]):
+class SettingsScreen(WebaimsScreen):
     """Mode ``settings``: one row per setting with its source."""
 
     TITLE = "Settings"
@@ -96,13 +97,6 @@ and without rewriting the config file (put it there to keep it). Change the acti
 the Rules screen (4). Other settings need the config file edited and a restart."""
 
     BINDINGS = [Binding("e", "edit", "Edit live setting")]
-
-    @property
-    def webaims(self) -> WebaimsApp:
-        from webaims_tui.app import WebaimsApp
-
-        assert isinstance(self.app, WebaimsApp)
-        return self.app
 
     def compose(self) -> ComposeResult:
         yield StatusHeader()
