@@ -269,7 +269,7 @@ def run_end_to_end(files: list[Path], work: Path, config: Path) -> Result:
     try:
         wait_for_port(port, process)
         started = time.perf_counter()
-        storescu(files, port, "WEBAIMS")
+        sent = storescu(files, port, "WEBAIMS")
         database = data / "webaims.sqlite3"
         deadline = time.monotonic() + 600
         while indexed(database) < len(files) or any(
@@ -283,6 +283,8 @@ def run_end_to_end(files: list[Path], work: Path, config: Path) -> Result:
             # Coarse polling: a tight loop here would take CPU from the process measured.
             time.sleep(0.1)
         seconds = time.perf_counter() - started
+        # Where the time goes: receiving (storescu's own duration) or the autoloader's backlog.
+        print(f"  (end to end: sent in {sent:.2f} s, last archived {seconds - sent:.2f} s later)")
         return Result("webaims end to end (archived + indexed)", seconds, peak_rss_mb(process.pid))
     finally:
         stop(process)

@@ -1,7 +1,8 @@
 """The ``webaims-tui`` command: parse arguments, build settings, run the TUI or a subcommand.
 
-Errors a user can fix (an unknown option, a bad port, an unreadable or invalid config) are one
-line on stderr and exit code 2, never a traceback.
+Errors a user can fix (an unknown option, a bad port, an unreadable or invalid config, a data
+folder that cannot be created, a database of a newer schema version) are one line on stderr
+and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ from webaims_tui.commands import (
     serve,
     stats,
 )
-from webaims_tui.config import ConfigError, Overrides, Settings, load_settings
+from webaims_tui.config import (
+    ConfigError,
+    Overrides,
+    Settings,
+    check_path_template,
+    load_settings,
+)
 from webaims_tui.engine.db import DatabaseVersionError
+from webaims_tui.engine.service import Engine
 
 EXIT_USAGE = 2
 
@@ -108,6 +116,21 @@ def overrides_from(args: argparse.Namespace) -> Overrides:
     )
 
 
+def check_before_starting(settings: Settings) -> None:
+    """Fail now, as ConfigError or DatabaseVersionError, on what would stop the engine later.
+
+    The TUI opens the engine in a worker thread, where such an error is only a notification in
+    an app that keeps running, and ``serve`` starts its log file in a folder nobody has checked
+    yet: both run this first, before logging, the screen or the server start.
+    """
+    check_path_template(settings)
+    engine = Engine(settings)
+    try:
+        engine.open()  # creates and checks the folders; migrates or refuses the database
+    finally:
+        engine.stop()
+
+
 def run_tui(settings: Settings) -> int:
     # Imported here so that headless commands never pay for (or need) Textual.
     from webaims_tui.app import make_app
@@ -121,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(overrides_from(args))
+        # The TUI and `serve` run the engine in threads (the TUI behind a screen): check first.
+        # The other commands open the engine in this thread, so its errors reach the except.
+        if args.handler in (None, serve.run):
+            check_before_starting(settings)
         if args.handler is None:
             return run_tui(settings)
         return int(args.handler(args, settings))

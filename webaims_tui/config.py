@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from webaims_tui import locations
+from webaims_tui.engine.archive import PathTemplateError, template_keywords
 
 RecordUnit = Literal["patient", "study", "series"]
 DuplicatePolicy = Literal["keep-first", "overwrite", "reject"]
@@ -85,6 +86,16 @@ class AutoloaderSettings:
     sweep_interval: float = 5.0
     keep_originals: bool = False
     batch_size: int = 100
+    # A compressed frame whose header says it decodes to more is quarantined, and no frame
+    # over it is previewed: pydicom allocates what the header says, so a small file can claim
+    # gigabytes. Generous: a mammography or tomosynthesis frame is ~30 MB, whole-slide tiles
+    # far less.
+    max_decoded_frame_mb: int = 1024
+
+    @property
+    def max_decoded_frame_bytes(self) -> int:
+        """``max_decoded_frame_mb`` in bytes."""
+        return self.max_decoded_frame_mb * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -209,6 +220,19 @@ def ensure_folders(settings: Settings) -> None:
             raise _error(settings, f"paths.{key}", folder, reason) from None
         if not os.access(folder, os.W_OK | os.X_OK):
             raise _error(settings, f"paths.{key}", folder, "folder is not writable")
+
+
+def check_path_template(settings: Settings) -> None:
+    """A path template naming anything but DICOM keywords is a ConfigError naming the key.
+
+    Checked before the engine starts (``__main__``): the autoloader would refuse it only once
+    running, where the TUI can show it as a notification at most.
+    """
+    template = settings.autoloader.path_template
+    try:
+        template_keywords(template)
+    except PathTemplateError as exc:
+        raise _error(settings, "autoloader.path_template", template, str(exc)) from None
 
 
 def write_default_config(path: Path) -> None:
@@ -413,6 +437,9 @@ def _validate_autoloader(auto: AutoloaderSettings, path: Path, sources: Mapping[
         raise fail("sweep_interval", auto.sweep_interval, "must be a positive number of seconds")
     if auto.batch_size < 1:
         raise fail("batch_size", auto.batch_size, "must be at least 1")
+    # Native pixel data cannot hold a frame over 4 GB (one 32-bit length): no larger bound.
+    if not 1 <= auto.max_decoded_frame_mb <= 4096:
+        raise fail("max_decoded_frame_mb", auto.max_decoded_frame_mb, "must be between 1 and 4096")
     if "{SOPInstanceUID}" not in auto.path_template:
         raise fail("path_template", auto.path_template, "must contain {SOPInstanceUID}")
 

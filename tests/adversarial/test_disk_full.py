@@ -2,7 +2,9 @@
 
 The archive folder is a real tmpfs that the test mounts (root, or CAP_SYS_ADMIN; skipped
 otherwise) and later grows with ``mount -o remount``: the autoloader meets a real ENOSPC, first
-when writing an archive file, then (inodes used up) when making the folders the file moves into.
+when writing an archive file (in the loop thread, and in worker processes whose outcomes travel
+back pickled), then (inodes used up) when making the folders the file moves into. A full disk is
+told from the error number, never from its text, which the locale translates.
 Whatever fits is archived and indexed; the rest stays in incoming/ byte for byte, with no
 temporary file, no index row without its file, and one alert for the whole episode rather than
 one per file and retry; when there is room again everything is archived and the resumption is
@@ -12,8 +14,10 @@ said.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
+import pickle
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -28,9 +32,10 @@ from tests.conftest import SettingsFactory
 from tests.engine.test_autoloader import UID_ROOT, archive_files, make_instance
 from tests.helpers import EventRecorder
 from webaims_tui.config import Settings
+from webaims_tui.engine import autoloader as autoloader_module
 from webaims_tui.engine import db
 from webaims_tui.engine.anonymize import PassThrough
-from webaims_tui.engine.autoloader import Autoloader
+from webaims_tui.engine.autoloader import POOL_THRESHOLD, Autoloader, Job, Postponed
 from webaims_tui.engine.events import ArchivingResumed, EngineError, InstanceArchived
 from webaims_tui.engine.service import Engine
 from webaims_tui.widgets.activity import ActivityModel, OutcomeEntry
@@ -65,12 +70,16 @@ def remount(folder: Path, options: str) -> None:
 
 
 @contextlib.contextmanager
-def autoloader_for(settings: Settings, events: EventRecorder) -> Iterator[Autoloader]:
-    """An autoloader (not started yet) on an opened engine, values passed through unchanged."""
+def autoloader_for(
+    settings: Settings, events: EventRecorder, processes: int = 0
+) -> Iterator[Autoloader]:
+    """An autoloader (not started yet) on an opened engine, values passed through unchanged.
+
+    By default with no worker pool: which files fit then depends on their order alone.
+    """
     engine = Engine(settings, sink=events)
     engine.open()
-    # No worker pool: which files fit then depends on their order alone.
-    autoloader = Autoloader(settings, events, PassThrough(), processes=0)
+    autoloader = Autoloader(settings, events, PassThrough(), processes=processes)
     autoloader.retry_after_seconds = RETRY_SECONDS
     try:
         yield autoloader
@@ -133,14 +142,19 @@ def _check_alerts(events: EventRecorder, waiting: int) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("processes", "count"),
+    # About 4 MB, or enough files for the worker pool (one process: the files keep their order).
+    [(0, 8), (1, POOL_THRESHOLD)],
+    ids=["in the loop thread", "in a worker process"],
+)
 def test_files_wait_in_incoming_while_the_archive_disk_is_full(
-    make_settings: SettingsFactory, events: EventRecorder
+    make_settings: SettingsFactory, events: EventRecorder, processes: int, count: int
 ) -> None:
     settings = make_settings()
-    count = 8  # about 4 MB, on a 2 MB file system
     with (
-        mounted_tmpfs(settings.paths.archive, "size=2m"),
-        autoloader_for(settings, events) as autoloader,
+        mounted_tmpfs(settings.paths.archive, "size=2m"),  # smaller than the files sent
+        autoloader_for(settings, events, processes) as autoloader,
     ):
         sent = _instances(settings.paths.incoming, count)
         autoloader.start()  # all in one pass, in one batch
@@ -194,3 +208,44 @@ def test_a_file_that_fits_but_whose_folders_do_not_waits_in_incoming(
         assert wait_until(lambda: not list(settings.paths.incoming.iterdir()), timeout=30)
         _check_alerts(events, count)
         assert _check_consistent(autoloader, settings, sent) == count
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "disk_full"),
+    [
+        (errno.ENOSPC, "Aucun espace disponible sur le périphérique", True),
+        (errno.EDQUOT, "Disk quota exceeded", True),
+        (errno.EIO, os.strerror(errno.ENOSPC), False),
+    ],
+    ids=["ENOSPC in French", "EDQUOT", "EIO whose text says no space"],
+)
+def test_a_full_disk_is_told_by_the_error_number_not_its_text(
+    make_settings: SettingsFactory,
+    events: EventRecorder,
+    monkeypatch: pytest.MonkeyPatch,
+    code: int,
+    text: str,
+    disk_full: bool,
+) -> None:
+    """Every file fails to be written with ``code`` and ``text`` (as a worker process would
+    say it, pickled); a full disk is one alert for all, any other error one error per file."""
+    settings = make_settings()
+    count = 3
+
+    def fails(job: Job, anonymizer: object) -> Postponed:
+        outcome = Postponed(job.name, f"cannot write the archive file: {text}", code)
+        return pickle.loads(pickle.dumps(outcome))  # what a worker process hands back
+
+    monkeypatch.setattr(autoloader_module, "prepare", fails)
+    with autoloader_for(settings, events) as autoloader:
+        sent = _instances(settings.paths.incoming, count)
+        counters = autoloader.run_once()
+        assert counters.postponed == count and counters.archived == 0
+        assert sorted(p.name for p in settings.paths.incoming.iterdir()) == sorted(sent)
+    messages = [(e.where, e.message) for e in events.of(EngineError)]
+    if disk_full:
+        assert messages == [
+            ("archive", f"archive disk full: {count} files wait in incoming/; retrying every 1 s")
+        ]
+    else:
+        assert messages == [("autoloader", f"cannot write the archive file: {text}")] * count

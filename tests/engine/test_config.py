@@ -76,6 +76,11 @@ def test_precedence_is_flag_then_environment_then_file_then_default(
         ('[autoloader]\nrecord_unit = "visit"', "must be one of patient, study, series"),
         ('[autoloader]\nduplicate_policy = "maybe"', "keep-first, overwrite, reject"),
         ('[autoloader]\npath_template = "{PatientID}.dcm"', "must contain {SOPInstanceUID}"),
+        (
+            "[autoloader]\nmax_decoded_frame_mb = 0",
+            "autoloader.max_decoded_frame_mb = 0: must be between 1 and 4096",
+        ),
+        ("[autoloader]\nmax_decoded_frame_mb = 5000", "must be between 1 and 4096"),
         ('[paths]\ndatabase_url = "mysql://x"', "must start with sqlite:/// or postgresql://"),
         ("[server\nport = 1", "invalid TOML"),
     ],

@@ -51,9 +51,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from pydicom.uid import UID, MPEGTransferSyntaxes
 
-from webaims_tui.config import ConfigError, Settings
+from webaims_tui.config import AutoloaderSettings, ConfigError, Settings
 from webaims_tui.engine import db
 from webaims_tui.engine.anonymize import AnonymizationRefused, Anonymizer, PassThrough
 from webaims_tui.engine.archive import (
@@ -108,11 +108,18 @@ JOURNAL_NAME = ".autoloader-journal"
 CLEAN_MARKER_NAME = ".autoloader-clean"
 LOCK_NAME = ".autoloader.lock"
 THROUGHPUT_INTERVAL = 2.0
+#: While files keep arriving, a pass waits this long for more before taking a short batch.
+GATHER_SECONDS = 0.25
 #: Pixel Data, Float Pixel Data, Double Float Pixel Data: a file has one of them at most.
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 #: No frame is bigger uncompressed: native pixel data must fit one 32-bit value length, so a
 #: bigger frame could never be decompressed into a DICOM file.
 MAX_FRAME_BYTES = 0xFFFFFFFE
+#: No instance of compressed data may claim to decode to more, all frames together (video
+#: aside, see _compressed_pixel_problem). Generous for real data: a whole-slide image's
+#: full-resolution level, tens of thousands of small tiles, decodes to tens of GB (a large
+#: section at 40x to a few hundred), a big CT volume as one enhanced multi-frame to 1-2 GB.
+MAX_DECODED_INSTANCE_BYTES = 1 << 40
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
@@ -129,6 +136,8 @@ class Job:
     name: str
     temp_folder: str
     template: str
+    # A job made without settings (a tool, a test) gets the default bound.
+    max_decoded_frame_bytes: int = AutoloaderSettings().max_decoded_frame_bytes
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,8 @@ class Refused:
     detail: str
     calling_ae: str
     sop_instance_uid: str = ""
+    #: The RuleSet row id of the rule set that refused it (None: no rule set was involved).
+    ruleset_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +181,9 @@ class Postponed:
 
     name: str
     detail: str
+    #: The OSError's errno: whether the disk is full is decided on it, never on the text
+    #: (strerror is translated by the locale).
+    errno: int
 
 
 Outcome = Prepared | Refused | Postponed | None
@@ -180,6 +194,9 @@ _worker_anonymizer: Anonymizer | None = None
 def _init_worker(anonymizer: Anonymizer) -> None:
     global _worker_anonymizer
     _worker_anonymizer = anonymizer
+    # Receiving comes first: a modality waits for each answer, while a backlog in incoming/
+    # only waits for spare CPU (the SCP's thread shares the cores with these workers).
+    os.nice(10)
 
 
 def _prepare_in_worker(job: Job) -> Outcome:
@@ -219,14 +236,14 @@ def _prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
         return Refused(job.name, "truncated", _short(exc), "")
     except OSError as exc:
         if exc.errno is not None:  # a real I/O error (EIO, EACCES...): may pass, try again later
-            return Postponed(job.name, f"cannot read: {exc.strerror or exc}")
+            return Postponed(job.name, f"cannot read: {exc.strerror or exc}", exc.errno)
         # pydicom raises plain OSError for malformed data ("No tag to read at offset ...").
         return Refused(job.name, "not-dicom", _short(exc), "")
     except Exception as exc:
         return Refused(job.name, "not-dicom", f"{type(exc).__name__}: {_short(exc)}", "")
     calling_ae = _calling_ae(dataset)
     deferred = deferred_elements(dataset)
-    problem = truncation_problem(dataset, deferred, stat.st_size)
+    problem = truncation_problem(dataset, deferred, stat.st_size, job.max_decoded_frame_bytes)
     if problem:
         return Refused(job.name, "truncated", problem, calling_ae, _uid(dataset))
     missing = _missing_uids(dataset)
@@ -235,7 +252,14 @@ def _prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
     try:
         result = anonymizer.anonymize(dataset)
     except AnonymizationRefused as refused:
-        return Refused(job.name, refused.reason, refused.detail, calling_ae, _uid(dataset))
+        return Refused(
+            job.name,
+            refused.reason,
+            refused.detail,
+            calling_ae,
+            _uid(dataset),
+            refused.ruleset_version,
+        )
     except Exception as exc:
         detail = f"{type(exc).__name__}: {_short(exc)}"
         return Refused(job.name, "anonymization-failed", detail, calling_ae, _uid(dataset))
@@ -255,7 +279,8 @@ def _prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
         if isinstance(exc, EOFError):
             return Refused(job.name, "truncated", _short(exc), calling_ae, _uid(dataset))
         if exc.errno is not None:  # disk full, permissions: the file is fine, try again later
-            return Postponed(job.name, f"cannot write the archive file: {exc.strerror or exc}")
+            detail = f"cannot write the archive file: {exc.strerror or exc}"
+            return Postponed(job.name, detail, exc.errno)
         detail = f"cannot encode the anonymized file: {_short(exc)}"
         return Refused(job.name, "unwritable", detail, calling_ae, _uid(dataset))
     except Exception as exc:
@@ -276,9 +301,16 @@ def _prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
 
 
 def truncation_problem(
-    dataset: Dataset, deferred: dict[int, RawDataElement], file_size: int
+    dataset: Dataset,
+    deferred: dict[int, RawDataElement],
+    file_size: int,
+    max_decoded_frame_bytes: int,
 ) -> str | None:
-    """Why the file looks cut short, or None. Compares declared lengths with what is there."""
+    """Why the file looks cut short (or its pixel data too large to decode), or None.
+
+    Compares declared lengths with what is there; see :func:`pixel_data_problem` for the
+    pixel data and ``max_decoded_frame_bytes``.
+    """
     for tag, element in deferred.items():
         end = element.value_tell + element.length
         if end > file_size:
@@ -303,35 +335,71 @@ def truncation_problem(
     )
     if "Rows" in dataset and "Columns" in dataset and not has_pixels:
         return "image attributes are present but the pixel data is missing: the file was cut"
-    return pixel_data_problem(dataset, file_size)
+    return pixel_data_problem(dataset, file_size, max_decoded_frame_bytes)
 
 
-def pixel_data_problem(dataset: Dataset, file_size: int) -> str | None:
-    """Why the image header claims pixel data the file does not hold, or None.
+@dataclass(frozen=True)
+class PixelClaim:
+    """What an image header says its pixel data holds, absent values taken at their smallest."""
 
-    Works from header values and the pixel data element's declared length only: the value is
-    never read, let alone decoded. A header that claims more than is there is a cut file or a
-    decompression bomb; pydicom's decoders allocate what Rows x Columns x ... say, so whatever
-    decoded it later (a viewer, an export) would try to allocate gigabytes.
+    rows: int
+    columns: int
+    samples: int
+    bits: int
+    frames: int
+
+    def __str__(self) -> str:
+        return (
+            f"Rows {self.rows} x Columns {self.columns} x {self.samples} samples x "
+            f"{self.bits} bits allocated x {self.frames} frames"
+        )
+
+    @property
+    def decoded_frame_bytes(self) -> int:
+        """One frame as a decoder hands it out: whole bytes per sample (1-bit data comes out
+        a byte a pixel) and every sample of every pixel (YBR_FULL_422 comes out full)."""
+        return self.rows * self.columns * self.samples * -(-self.bits // 8)
+
+
+def pixel_claim(dataset: Dataset) -> PixelClaim | None:
+    """The header's claim, or None when it claims no size (no usable Rows or Columns).
+
+    Absent values count at their smallest, so that only what the header says can fail a check;
+    a NumberOfFrames of 0 or garbage (pydicom's badVR.dcm has "1A") counts as 1, as in pydicom.
+    """
+    rows, columns = _header_integer(dataset, "Rows"), _header_integer(dataset, "Columns")
+    if rows is None or columns is None:
+        return None
+    samples = _header_integer(dataset, "SamplesPerPixel")
+    bits = _header_integer(dataset, "BitsAllocated")
+    return PixelClaim(
+        rows=rows,
+        columns=columns,
+        samples=1 if samples is None else samples,
+        bits=1 if bits is None else bits,
+        frames=_header_integer(dataset, "NumberOfFrames") or 1,
+    )
+
+
+def pixel_data_problem(
+    dataset: Dataset, file_size: int, max_decoded_frame_bytes: int
+) -> str | None:
+    """Why the image header claims pixel data the file does not hold or no one should decode.
+
+    None when there is no such problem. Works from header values and the pixel data element's
+    declared length only: the value is never read, let alone decoded. A header that claims
+    more than is there is a cut file or a decompression bomb; pydicom's decoders allocate what
+    Rows x Columns x ... say, so whatever decoded it later (a viewer, an export) would try to
+    allocate gigabytes. Compressed data says nothing of its decoded size: a frame that would
+    decode to more than ``max_decoded_frame_bytes`` is refused.
     """
     tag = next((tag for tag in PIXEL_DATA_TAGS if tag in dataset), None)
-    rows, columns = _header_integer(dataset, "Rows"), _header_integer(dataset, "Columns")
-    if tag is None or rows is None or columns is None:
+    claim = pixel_claim(dataset)
+    if tag is None or claim is None:
         return None  # no pixel data, or no size claimed: nothing to compare
-    # Absent values are taken at their smallest so that only a claim can fail the check; a
-    # NumberOfFrames of 0 or garbage (pydicom's badVR.dcm has "1A") counts as 1, as in pydicom.
-    samples = _header_integer(dataset, "SamplesPerPixel")
-    samples = 1 if samples is None else samples
-    bits = _header_integer(dataset, "BitsAllocated")
-    bits = 1 if bits is None else bits
-    frames = _header_integer(dataset, "NumberOfFrames") or 1
-    claim = (
-        f"Rows {rows} x Columns {columns} x {samples} samples x {bits} bits allocated x "
-        f"{frames} frames"
-    )
-    if min(rows, columns, samples, bits, frames) < 1:
+    if min(claim.rows, claim.columns, claim.samples, claim.bits, claim.frames) < 1:
         return f"pixel data mismatch: the file has pixel data but its header says {claim}"
-    frame_bytes = _expected_pixel_bytes(rows, columns, samples, bits, 1, "")
+    frame_bytes = _expected_pixel_bytes(claim.rows, claim.columns, claim.samples, claim.bits, 1, "")
     if frame_bytes > MAX_FRAME_BYTES:
         return (
             f"pixel data mismatch: {claim} makes {frame_bytes} bytes per frame, more than any "
@@ -340,18 +408,43 @@ def pixel_data_problem(dataset: Dataset, file_size: int) -> str | None:
     element: Any = dataset.get_item(tag, keep_deferred=True)
     length = int(element.length) if isinstance(element, RawDataElement) else UNDEFINED_LENGTH
     if length == UNDEFINED_LENGTH or not _native_syntax(dataset):
-        # Compressed (or a syntax we do not know): the stored size says little about the
-        # decoded one. Every frame takes at least one byte of the file, though.
-        if frames > file_size:
-            return f"pixel data mismatch: {frames} frames claimed in a file of {file_size} bytes"
-        return None
+        # Compressed (or a syntax we do not know). Uncompressed data is what the header
+        # claims once its length is checked below: a big frame there is a big image, no bomb.
+        return _compressed_pixel_problem(dataset, claim, file_size, max_decoded_frame_bytes)
     photometric = str(_header_value(dataset, "PhotometricInterpretation") or "").strip()
-    expected = _expected_pixel_bytes(rows, columns, samples, bits, frames, photometric)
+    expected = _expected_pixel_bytes(
+        claim.rows, claim.columns, claim.samples, claim.bits, claim.frames, photometric
+    )
     # PS3.5 8.1.1: the value length is the expected length, padded to even; more is tolerated.
     if expected > length:
         return (
             f"pixel data mismatch: the header claims {expected} bytes ({claim}); the pixel data "
             f"element holds {length}"
+        )
+    return None
+
+
+def _compressed_pixel_problem(
+    dataset: Dataset, claim: PixelClaim, file_size: int, max_decoded_frame_bytes: int
+) -> str | None:
+    """:func:`pixel_data_problem` for compressed data, whose stored size says little about
+    the decoded one."""
+    # Every frame takes at least one byte of the file, though.
+    if claim.frames > file_size:
+        return f"pixel data mismatch: {claim.frames} frames claimed in a file of {file_size} bytes"
+    frame_bytes = claim.decoded_frame_bytes
+    if frame_bytes > max_decoded_frame_bytes:
+        return (
+            f"pixel data too large: {claim} makes {frame_bytes} bytes per decoded frame, more "
+            f"than autoloader.max_decoded_frame_mb allows ({max_decoded_frame_bytes >> 20} MB)"
+        )
+    # Video is decoded as a stream, a frame at a time, and an hour of HD video makes ~670 GB:
+    # its frames are bounded, its length is not.
+    total = frame_bytes * claim.frames
+    if total > MAX_DECODED_INSTANCE_BYTES and _transfer_syntax(dataset) not in MPEGTransferSyntaxes:
+        return (
+            f"pixel data too large: {claim} makes {total} bytes decoded, more than any "
+            f"instance may decode to ({MAX_DECODED_INSTANCE_BYTES >> 30} GB)"
         )
     return None
 
@@ -392,29 +485,25 @@ def _header_value(dataset: Dataset, keyword: str) -> Any:
         return None
 
 
+def _transfer_syntax(dataset: Dataset) -> str:
+    """The file meta's transfer syntax UID ("" when absent)."""
+    meta = getattr(dataset, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+
+
 def _native_syntax(dataset: Dataset) -> bool:
     """Whether the pixel data is stored uncompressed, so that the header fixes its length.
 
     With no transfer syntax in the file meta pydicom guessed an uncompressed one (it cannot
     read anything else without being told); an unknown syntax UID may be compressed.
     """
-    meta = getattr(dataset, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    syntax = _transfer_syntax(dataset)
     if not syntax:
         return True
     try:
         return not UID(syntax).is_compressed
     except ValueError:  # not a transfer syntax pydicom knows
         return False
-
-
-def _says_no_space(detail: str) -> bool:
-    """Whether a :class:`Postponed` detail reports a full disk.
-
-    prepare() keeps only the error's text; a worker process shares this process's C library
-    and locale, so its strerror texts are the ones os.strerror gives here.
-    """
-    return any(os.strerror(code) in detail for code in NO_SPACE)
 
 
 def _calling_ae(dataset: Dataset) -> str:
@@ -831,11 +920,20 @@ class Autoloader:
         return names
 
     def _drain(self) -> None:
+        streaming = False
         while not self._stopping.is_set():
             names = self.waiting_files()
+            if streaming and 0 < len(names) < self.options.batch_size:
+                # Files arrived while the last batch was processed: an SCP is receiving. Every
+                # batch costs a transaction and a recount of its records, so a few files per
+                # batch would spend more time on that than on the files; a moment's wait fills
+                # the batch. The first file of a quiet spell is still taken at once.
+                self._stopping.wait(GATHER_SECONDS)
+                names = self.waiting_files()
             if not names:
                 self._report_depth(0)
                 return
+            streaming = True
             done = 0
             for outcomes in self._prepared_batches(names):
                 self._commit(outcomes)
@@ -851,6 +949,7 @@ class Autoloader:
                 name=name,
                 temp_folder=str(self.temp_folder),
                 template=self.options.path_template,
+                max_decoded_frame_bytes=self.options.max_decoded_frame_bytes,
             )
             for name in names
         ]
@@ -926,7 +1025,7 @@ class Autoloader:
         self._disk_full_in_batch = False
         for outcome in outcomes:
             if isinstance(outcome, Postponed):
-                self._postpone(outcome, no_space=_says_no_space(outcome.detail))
+                self._postpone(outcome)
         decisions = self._decide(prepared) if prepared else []
         places = [d for d in decisions if isinstance(d, _Place)]
         if prepared:
@@ -999,12 +1098,12 @@ class Autoloader:
         self._emit_archived(places, created)
         self._report_disk_full(bool(created))
 
-    def _postpone(self, outcome: Postponed, *, no_space: bool) -> None:
+    def _postpone(self, outcome: Postponed) -> None:
         """Leave the file in incoming/ and try it again after ``retry_after_seconds``."""
         self.counters.postponed += 1
         self._retry_after[outcome.name] = time.time() + self.retry_after_seconds
         self._next_wait = self.retry_after_seconds
-        if no_space:
+        if outcome.errno in NO_SPACE:
             self._disk_full_in_batch = True  # one alert for the episode: _report_disk_full
         else:
             self.sink(EngineError(where="autoloader", message=outcome.detail))
@@ -1157,7 +1256,7 @@ class Autoloader:
             # file's data fitted: nothing is indexed, the file stays in incoming/.
             _unlink(place.item.temp)
             detail = f"cannot move into the archive: {exc.strerror or exc}"
-            self._postpone(Postponed(place.item.name, detail), no_space=exc.errno in NO_SPACE)
+            self._postpone(Postponed(place.item.name, detail, exc.errno))
             return False
 
     def _rename_into_archive(self, place: _Place) -> bool:
@@ -1454,13 +1553,19 @@ class Autoloader:
                 detail=refused.detail,
                 source_ae=source_ae,
                 sop_instance_uid=refused.sop_instance_uid,
+                ruleset_version=refused.ruleset_version,
             )
         except OSError as exc:
             self._retry_after[refused.name] = time.time() + self.retry_after_seconds
             self.sink(EngineError(where="quarantine", message=f"cannot quarantine: {exc}"))
             return
         self.counters.quarantined += 1
-        log.info("quarantined %s: %s", refused.name, refused.reason)
+        # Never the whole name: an imported file's name ends in its original file name, which
+        # can be a patient's. The prefix incoming_name() and the SCP generate (time, random hex)
+        # still finds the file in quarantine/; any other name (dropped in by hand) is hashed.
+        generated = re.match(r"\d+-[0-9a-f]{12}", refused.name)
+        label = generated[0] if generated else hashlib.sha256(refused.name.encode()).hexdigest()
+        log.info("quarantined %s: %s", label, refused.reason)
         self.sink(
             InstanceQuarantined(
                 file_name=original_name_of(source.name),

@@ -20,6 +20,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Static, Tree
 from textual.widgets.tree import TreeNode
 
+from webaims_tui.engine.autoloader import pixel_claim
 from webaims_tui.engine.browse import InstanceFile, TagNode
 from webaims_tui.screens.base import WebaimsScreen
 from webaims_tui.widgets.status_header import StatusHeader
@@ -52,13 +53,29 @@ class Frame:
     level: float
 
 
-def decode_frame(path: Path, index: int) -> Frame:
-    """Decode frame ``index`` only (pydicom reads just that frame from multi-frame data)."""
+class FrameTooLarge(Exception):
+    """The header says the frame decodes to more than the preview may allocate."""
+
+
+def decode_frame(path: Path, index: int, max_frame_bytes: int) -> Frame:
+    """Decode frame ``index`` only (pydicom reads just that frame from multi-frame data).
+
+    Raises :class:`FrameTooLarge`, decoding nothing, when the header says the frame decodes
+    to more than ``max_frame_bytes``: pydicom allocates what the header says, and a file
+    archived before the autoloader checked that (or under a larger bound) may claim gigabytes.
+    """
     import numpy as np
     from pydicom import dcmread
     from pydicom.pixels import apply_modality_lut, pixel_array
 
     header = dcmread(path, stop_before_pixels=True)
+    claim = pixel_claim(header)
+    if claim is not None and claim.decoded_frame_bytes > max_frame_bytes:
+        raise FrameTooLarge(
+            f"a frame would decode to {claim.decoded_frame_bytes >> 20} MB "
+            f"({claim.rows} x {claim.columns} x {claim.samples} samples x {claim.bits} bits), "
+            f"more than autoloader.max_decoded_frame_mb allows ({max_frame_bytes >> 20} MB)"
+        )
     count = int(header.get("NumberOfFrames", 1) or 1)
     index = max(0, min(index, count - 1))
     array = pixel_array(path, index=index) if count > 1 else pixel_array(path)
@@ -195,9 +212,10 @@ Only the frame shown is decoded."""
     def load_frame(self, index: int) -> None:
         if self.file is None:
             return
+        bound = self.webaims.engine.settings.autoloader.max_decoded_frame_bytes
         try:
-            frame = decode_frame(self.file.path, index)
-        except Exception as exc:  # compressed data without a decoder, no pixel data...
+            frame = decode_frame(self.file.path, index, bound)
+        except Exception as exc:  # too large, compressed data without a decoder, no pixels...
             self.app.call_from_thread(self._preview_failed, str(exc))
             return
         if self.frame is not None and not self.frame.color and not frame.color:
