@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,18 +42,33 @@ def make_settings(
 
     With WEBAIMS_TEST_DATABASE=postgresql the archive database is a fresh PostgreSQL database
     per test (the same one for every call within a test) unless the config text names one; it is
-    also put in WEBAIMS_DATABASE_URL, so CLI runs and subprocesses of the test use it too.
+    also put in WEBAIMS_DATABASE_URL, so CLI runs and subprocesses of the test use it too. The
+    linkage database is another fresh PostgreSQL database per test unless the config text names
+    one; it is written into the config file, which is how CLI runs and subprocesses find it.
     """
     postgres: PostgresServer | None = None
     if engine_tests_use_postgresql():
         postgres = request.getfixturevalue("postgres_server")
     postgres_urls: list[str] = []
+    linkage_urls: list[str] = []
 
     def factory(config_text: str = "", **server: object) -> Settings:
         config = tmp_path / "config.toml"
         config.write_text(config_text)
-        settings = load_settings(Overrides(config_file=config, data_dir=tmp_path / "data"))
-        server_values = {"host": "127.0.0.1", "port": 0, **server}
+        overrides = Overrides(config_file=config, data_dir=tmp_path / "data")
+        settings = load_settings(overrides)
+        linkage_source = settings.source_of("paths.linkage_database_url")
+        if postgres is not None and linkage_source == "default":
+            if not linkage_urls:
+                linkage_urls.append(postgres.create_database("linkage"))
+            # The linkage URL has no flag or environment variable: only the config file reaches
+            # the CLI runs and subprocesses of the test.
+            config.write_text(
+                _with_path_setting(config_text, "linkage_database_url", linkage_urls[0])
+            )
+            settings = load_settings(overrides)
+        # Any: the values are of several ServerSettings field types; replace() rejects unknown keys.
+        server_values: dict[str, Any] = {"host": "127.0.0.1", "port": 0, **server}
         settings = dataclasses.replace(
             settings, server=dataclasses.replace(settings.server, **server_values)
         )
@@ -65,6 +82,17 @@ def make_settings(
         return settings
 
     return factory
+
+
+def _with_path_setting(config_text: str, key: str, value: str) -> str:
+    """``config_text`` with ``key = "value"`` in its [paths] table (added if it has none)."""
+    line = f'{key} = "{value}"'
+    header = re.search(r"^\[paths\][ \t]*(#.*)?$", config_text, flags=re.MULTILINE)
+    if header is None:
+        return f"{config_text}\n[paths]\n{line}\n"
+    # A second [paths] table would be invalid TOML: the key goes into the existing one.
+    end = header.end()
+    return f"{config_text[:end]}\n{line}{config_text[end:]}"
 
 
 @pytest.fixture

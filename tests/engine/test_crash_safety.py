@@ -5,7 +5,8 @@ pynetdicom SCU. Once the autoloader is busy archiving them (rows appear in the d
 whole process group (server, autoloader threads, worker processes) is killed with SIGKILL, like
 a power cut. A second ``serve`` on the same data folder must then finish the job: every
 acknowledged instance indexed once, one archive file per row and no other, nothing left in
-incoming/, nothing quarantined, record counts right.
+incoming/, nothing quarantined, record counts right. It runs on the database the test run chose
+(SQLite, or PostgreSQL with WEBAIMS_TEST_DATABASE=postgresql) and counts rows through it.
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import peewee as pw
 import pytest
 
+from tests.conftest import SettingsFactory
 from tests.engine.test_autoloader import UID_ROOT, archive_files, make_instance
-from webaims_tui.config import Overrides, load_settings
+from webaims_tui.config import Settings
 from webaims_tui.engine import db
 from webaims_tui.engine.service import Engine
 
@@ -43,9 +45,11 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _serve(config: Path, data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "webaims_tui", "--config", str(config)]
-    command += ["--data-dir", str(data), "--host", "127.0.0.1", "--port", str(port), "serve"]
+def _serve(settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "webaims_tui", "--config", str(settings.config_file)]
+    command += ["--data-dir", str(settings.paths.data_dir)]
+    command += ["--database-url", settings.paths.database_url]
+    command += ["--host", "127.0.0.1", "--port", str(port), "serve"]
     with open(log, "ab") as output:
         # A session of its own: the kill below takes the worker processes too, as a power cut.
         process = subprocess.Popen(command, stdout=output, stderr=output, start_new_session=True)
@@ -59,12 +63,23 @@ def _serve(config: Path, data: Path, port: int, log: Path) -> subprocess.Popen[b
     raise AssertionError("serve did not start listening")
 
 
-def _indexed_rows(database: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
-            return int(connection.execute("SELECT COUNT(*) FROM instance").fetchone()[0])
-    except sqlite3.Error:
-        return 0  # not created yet
+class _RowCounter:
+    """Counts indexed instances from outside the server, on SQLite or PostgreSQL alike."""
+
+    def __init__(self, url: str) -> None:
+        self.database = db.connect(url)
+
+    def __call__(self) -> int:
+        try:
+            # A connection per count: a failed query (no table yet) leaves nothing behind.
+            with self.database.connection_context():
+                cursor = self.database.execute_sql("SELECT COUNT(*) FROM instance")
+                return int(cursor.fetchone()[0])
+        except pw.DatabaseError:
+            return 0  # the server has not created the schema yet
+
+    def close(self) -> None:
+        db.close_database(self.database)
 
 
 class _Sender:
@@ -136,22 +151,33 @@ def generated(tmp_path: Path) -> Iterator[tuple[list[Path], list[str]]]:
     yield files, uids
 
 
+@pytest.fixture
+def settings(make_settings: SettingsFactory) -> Settings:
+    return make_settings("[autoloader]\nsweep_interval = 0.5\n")
+
+
+@pytest.fixture
+def indexed_rows(settings: Settings) -> Iterator[_RowCounter]:
+    counter = _RowCounter(settings.paths.database_url)
+    yield counter
+    counter.close()
+
+
 def test_sigkill_mid_ingest_loses_nothing_and_duplicates_nothing(
-    tmp_path: Path, generated: tuple[list[Path], list[str]]
+    tmp_path: Path,
+    settings: Settings,
+    indexed_rows: _RowCounter,
+    generated: tuple[list[Path], list[str]],
 ) -> None:
     files, uids = generated
-    config = tmp_path / "config.toml"
-    config.write_text("[autoloader]\nsweep_interval = 0.5\n")
-    data = tmp_path / "data"
     log = tmp_path / "serve.log"
-    database = data / "webaims.sqlite3"
 
     port = _free_port()
-    first = _serve(config, data, port, log)
+    first = _serve(settings, port, log)
     sender = _Sender(files, port, tmp_path / "storescu.log")
     try:
         deadline = time.monotonic() + 60
-        while _indexed_rows(database) < KILL_AFTER_ROWS:
+        while indexed_rows() < KILL_AFTER_ROWS:
             assert time.monotonic() < deadline, "the autoloader archived nothing"
             assert sender.is_alive(), "everything was sent before the autoloader got going"
             time.sleep(0.02)
@@ -162,23 +188,23 @@ def test_sigkill_mid_ingest_loses_nothing_and_duplicates_nothing(
     uid_of = dict(zip(map(str, files), uids, strict=True))
     acknowledged = {uid_of[path] for path in sender.acknowledged()}
     assert acknowledged, "nothing was acknowledged before the kill"
-    rows_at_kill = _indexed_rows(database)
+    rows_at_kill = indexed_rows()
     assert rows_at_kill < INSTANCES  # killed mid-ingest, not after it
 
-    second = _serve(config, data, _free_port(), log)
+    def finished() -> bool:
+        waiting = [p for p in settings.paths.incoming.iterdir() if not p.name.startswith(".")]
+        return not waiting and indexed_rows() >= len(acknowledged)
+
+    second = _serve(settings, _free_port(), log)
     try:
-        incoming = data / "incoming"
         deadline = time.monotonic() + 60
-        while [p for p in incoming.iterdir() if not p.name.startswith(".")] or _indexed_rows(
-            database
-        ) < len(acknowledged):
+        while not finished():
             assert time.monotonic() < deadline, "the restarted autoloader did not finish"
             time.sleep(0.1)
     finally:
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=60) == 0, log.read_text()[-2000:]
 
-    settings = load_settings(Overrides(config_file=config, data_dir=data))
     engine = Engine(settings)
     engine.open()
     try:

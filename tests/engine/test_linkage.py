@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import peewee as pw
 import pytest
 from pydicom import dcmread
 
@@ -16,6 +17,7 @@ from tests.conftest import SettingsFactory
 from tests.engine.test_anonymize import make_dataset
 from webaims_tui import locations
 from webaims_tui.__main__ import main
+from webaims_tui.engine import db
 from webaims_tui.engine.linkage import (
     Keys,
     Linkage,
@@ -120,17 +122,42 @@ def test_linkage_lives_apart_from_the_archive_and_reidentifies(
     finally:
         engine.stop()
     assert [(e.kind, e.original) for e in entries] == [("PatientID", "PAT12345")]
-    archive = Path(settings.paths.database_url.removeprefix("sqlite:///"))
-    linkage = Path(settings.paths.linkage_database_url.removeprefix("sqlite:///"))
-    assert linkage.exists() and linkage != archive
-    # The archive database (with its WAL) never sees the original ID.
-    for part in archive.parent.glob(archive.name + "*"):
-        assert b"PAT12345" not in part.read_bytes(), part.name
+    assert settings.paths.linkage_database_url != settings.paths.database_url
+    # Asked through each database itself, so the check means the same on SQLite and PostgreSQL.
+    linkage = db.connect(settings.paths.linkage_database_url)
+    try:
+        pairs = linkage.execute_sql("SELECT kind, original, pseudonym FROM linkage").fetchall()
+        assert ("PatientID", "PAT12345", out.PatientID) in [tuple(row) for row in pairs]
+        assert db.Instance._meta.table_name not in linkage.get_tables()
+    finally:
+        db.close_database(linkage)
+    archive = db.connect(settings.paths.database_url)
+    try:
+        tables = archive.get_tables()
+        assert db.Instance._meta.table_name in tables and "linkage" not in tables
+        # No text column of any archive table holds the original ID.
+        with archive.bind_ctx(db.MODELS):
+            _assert_nowhere_in_the_archive("PAT12345")
+    finally:
+        db.close_database(archive)
+    if settings.paths.database_url.startswith("sqlite:///"):
+        # SQLite also keeps old page versions in its WAL and free pages, where no query looks.
+        path = Path(settings.paths.database_url.removeprefix("sqlite:///"))
+        for part in path.parent.glob(path.name + "*"):
+            assert b"PAT12345" not in part.read_bytes(), part.name
 
     common = ["--config", str(settings.config_file), "--data-dir", str(settings.paths.data_dir)]
     assert main(["reidentify", out.PatientID, *common]) == 0
     assert "PatientID: PAT12345" in capsys.readouterr().out
     assert main(["reidentify", "SUBJNOSUCHONE", *common]) == 1
+
+
+def _assert_nowhere_in_the_archive(value: str) -> None:
+    for model in db.MODELS:
+        for field in model._meta.sorted_fields:
+            if isinstance(field, pw.CharField | pw.TextField):
+                found = model.select().where(field.contains(value)).count()
+                assert found == 0, f"{value} in {model._meta.table_name}.{field.name}"
 
 
 def test_linkage_records_each_pair_once_and_from_other_threads(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """Two receiving nodes on one archive: two ``webaims-tui serve`` processes, each with its own data
-dir (incoming/, spool/, quarantine/, logs) and DICOM port, sharing one archive folder, one
-PostgreSQL database and one site secret, as the README's multi-node deployment describes.
+dir (incoming/, spool/, logs) and DICOM port, sharing one archive folder, one quarantine folder,
+one PostgreSQL database (and one PostgreSQL linkage database) and one site secret, as the
+README's multi-node deployment describes: quarantine rows live in the shared database, so every
+node must see the files they name.
 
 DCMTK ``storescu`` sends the same study to both nodes at the same moment, plus a different study
 of the same patient to each. Afterwards every instance must be indexed exactly once, with exactly

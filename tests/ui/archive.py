@@ -1,9 +1,9 @@
 """A pre-filled archive for UI tests: real pydicom files copied into archive/, rows in the database.
 
-The autoloader (which will fill the archive for real) is built in parallel; until the browser tests
-can ingest through it, they fill the database the way it will: one Patient/Study/Series/Instance
-row per real file, ``archive_path`` relative to ``settings.paths.archive``. Values are fixed so
-that snapshots are deterministic.
+The rows are what the autoloader writes (one Patient/Study/Series/Instance row per real file,
+``archive_path`` relative to ``settings.paths.archive``) but with fixed values, so snapshots and
+row-order assertions are deterministic and a test needs no network round trip. The end-to-end
+browser test in test_browser.py fills its archive through the real SCP and autoloader instead.
 """
 
 from __future__ import annotations

@@ -1,14 +1,21 @@
-"""Pilot tests of the browser on a pre-filled archive, with the real engine running."""
+"""Pilot tests of the browser, with the real engine running: on a pre-filled archive, and end to
+end on files a pynetdicom SCU sent and the autoloader archived.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import zipfile
+from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import CTImageStorage, MRImageStorage
 from textual.widgets import DataTable, Tree
 
 from tests.ui.archive import FIXED_TIME, FilledArchive
-from tests.ui.conftest import SIZE, started, wait_until
+from tests.ui.conftest import SIZE, send_files, started, wait_until
 from webaims_tui.app import WebaimsApp
 from webaims_tui.config import Settings
 from webaims_tui.engine import db
@@ -96,6 +103,88 @@ async def test_drill_down_to_an_instance_tag_dump_and_preview(
         assert app.screen is screen
         await pilot.press("backspace", "backspace", "backspace")
         await _loaded(pilot, screen, "patient", 3)
+
+
+def _testdata_file(name: str) -> Path:
+    found = get_testdata_file(name)
+    assert found is not None, name
+    return Path(found)
+
+
+def _patient_of_the_ct_instance() -> db.Patient:
+    with db.database.connection_context():
+        instance = db.Instance.get(db.Instance.sop_class_uid == CTImageStorage)
+        return instance.series.study.patient
+
+
+@pytest.mark.slow
+async def test_received_files_are_browsed_anonymized_exported_and_deleted(
+    settings: Settings,
+) -> None:
+    ct_file, mr_file = _testdata_file("CT_small.dcm"), _testdata_file("MR_small.dcm")
+    original_name = str(dcmread(ct_file).PatientName)
+    original_ids = {str(dcmread(path).PatientID) for path in (ct_file, mr_file)}
+    app = WebaimsApp(settings)
+    async with app.run_test(size=SIZE) as pilot:
+        await started(pilot)
+        statuses = await asyncio.to_thread(send_files, app.port, [ct_file, mr_file])
+        assert statuses == [0, 0]
+        await wait_until(pilot, lambda: app.activity.archived == 2, "both files archived")
+        patient = _patient_of_the_ct_instance()
+        assert patient.patient_name and patient.patient_name != original_name
+
+        screen = await _browser(pilot)
+        await _loaded(pilot, screen, "patient", 2)
+        patients = _column(screen)
+        assert not original_ids & set(patients)
+        await pilot.press(*["down"] * patients.index(patient.patient_id), "enter")
+        await _loaded(pilot, screen, "study", 1)
+        await pilot.press("enter")
+        await _loaded(pilot, screen, "series", 1)
+        await pilot.press("enter")
+        await _loaded(pilot, screen, "instance", 1)
+        await pilot.press("enter")
+        instance = app.screen
+        assert isinstance(instance, InstanceScreen)
+        tree = instance.query_one("#tags", Tree)
+        await wait_until(pilot, lambda: len(tree.root.children) > 10, "the tag dump")
+        labels = [str(node.label) for node in tree.root.children]
+        assert f"(0010,0010) PatientName PN {patient.patient_name}" in labels
+        assert not [label for label in labels if original_name in label]
+
+        await pilot.press("escape", "backspace", "backspace")
+        await _loaded(pilot, screen, "study", 1)
+        with db.database.connection_context():
+            study = db.Study.get(db.Study.patient == patient.id)
+            rows = list(db.Instance.select().join(db.Series).where(db.Series.study == study))
+        archived = [settings.paths.archive / row.archive_path for row in rows]
+        await pilot.press("e")
+        assert isinstance(app.screen, ExportScreen)
+        await pilot.press("enter")
+        folder = settings.paths.data_dir / "exports" / f"study-{study.id}"
+        exported = [folder / row.archive_path for row in rows]
+        await wait_until(
+            pilot,
+            lambda: any("Exported 1 " in m for m in _notifications(app)),
+            "the export notification",
+        )
+        assert [path.read_bytes() for path in exported] == [path.read_bytes() for path in archived]
+        copy = dcmread(exported[0])
+        assert copy.SOPInstanceUID == rows[0].sop_instance_uid
+        assert str(copy.PatientName) == patient.patient_name
+
+        await pilot.press("d")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await _loaded(pilot, screen, "study", 0)
+        assert not [path for path in archived if path.exists()]
+        with db.database.connection_context():
+            assert db.Study.get_or_none(db.Study.id == study.id) is None
+            assert db.Instance.select().where(db.Instance.id.in_([r.id for r in rows])).count() == 0
+            # The MR study, sent on the same association, is untouched.
+            (kept,) = db.Instance.select()
+        assert kept.sop_class_uid == MRImageStorage
+        assert (settings.paths.archive / kept.archive_path).exists()
 
 
 @pytest.mark.slow

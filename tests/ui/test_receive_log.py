@@ -11,6 +11,7 @@ from datetime import datetime
 import pytest
 from pynetdicom.sop_class import Verification
 from textual import events
+from textual.widget import Widget
 
 from tests.conftest import SettingsFactory
 from tests.ui.conftest import CT_FILES, SIZE, scu, send_files, started, wait_until
@@ -19,6 +20,7 @@ from webaims_tui.config import Settings
 from webaims_tui.engine.events import (
     AssociationEnded,
     AssociationStarted,
+    EngineError,
     InstanceArchived,
     InstanceReceived,
     QueueDepth,
@@ -284,6 +286,33 @@ async def test_low_free_disk_space_turns_the_throughput_line_to_a_warning(
         assert app.disk_low
         assert app.screen.has_class("-disk-low")
         assert "100.0 MB free" in str(app.screen.query_one("#throughput").render())
+
+
+async def test_an_engine_error_is_a_visible_notification_and_the_app_keeps_running(
+    settings: Settings,
+) -> None:
+    app = WebaimsApp(settings, start_server=False)
+    # notifications=True: run_test leaves toasts out of the screens unless asked.
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await wait_until(pilot, lambda: app.engine_ready, "the database")
+        error = EngineError(where="autoloader", message="archive disk full: 3 files wait")
+        # From a thread of its own, as the autoloader reports it.
+        reporter = threading.Thread(target=app.engine_sink, args=(error,))
+        reporter.start()
+        reporter.join()
+
+        def shown() -> list[Widget]:
+            # By type name: textual.widgets does not export Toast, the widget of a notify().
+            toasts = app.screen.query("Toast")
+            return [toast for toast in toasts if error.message in str(toast.render())]
+
+        await wait_until(pilot, lambda: bool(shown()), "the notification")
+        (toast,) = shown()
+        assert toast.has_class("-error")
+        assert str(toast.render()).startswith("autoloader\n")  # titled with where it happened
+        assert app.is_running
+        await pilot.press("2")
+        assert isinstance(app.screen, BrowserScreen)
 
 
 async def test_the_command_palette_lists_the_screens(settings: Settings) -> None:
