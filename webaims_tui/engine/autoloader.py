@@ -36,6 +36,7 @@ import shutil
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
+from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, MPEGTransferSyntaxes
 
@@ -121,6 +122,11 @@ MAX_FRAME_BYTES = 0xFFFFFFFE
 #: section at 40x to a few hundred), a big CT volume as one enhanced multi-frame to 1-2 GB.
 MAX_DECODED_INSTANCE_BYTES = 1 << 40
 UNDEFINED_LENGTH = 0xFFFFFFFF
+#: A deflated data set is inflated whole into memory by pydicom: beyond this size it is
+#: quarantined unread. Deflate reaches about 1000:1, so a few megabytes received can claim
+#: gigabytes; real deflated objects (structured reports, small images) are far below this.
+MAX_INFLATED_BYTES = 1024 * 1024 * 1024
+_INFLATE_CHUNK = 1024 * 1024
 
 
 class AutoloaderBusy(Exception):
@@ -224,6 +230,10 @@ def _prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
     path = Path(job.incoming) / job.name
     try:
         stat = path.stat()
+        # Before any read: pydicom inflates a deflated data set whole, even to defer values.
+        bomb = deflate_bomb_problem(path)
+        if bomb:
+            return Refused(job.name, "decompression-bomb", bomb, "")
         dataset = dcmread(path, defer_size=DEFER_SIZE)
         if _is_deflated(dataset):
             # Offsets in a deflated file are offsets in the inflated stream: no deferring.
@@ -513,6 +523,38 @@ def _calling_ae(dataset: Dataset) -> str:
         return str(meta.get("SourceApplicationEntityTitle", "") if meta else "").strip()[:16]
     except Exception:
         return ""
+
+
+def deflate_bomb_problem(path: Path, limit: int = MAX_INFLATED_BYTES) -> str | None:
+    """Why a deflated file must not be read (it inflates beyond ``limit``), or None.
+
+    Inflates in a stream, keeping nothing: the only cost is CPU, paid again by the real read.
+    Files in any other transfer syntax, and files whose header cannot be read (the real read
+    says why), are None.
+    """
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(132)[128:] != b"DICM":
+                return None
+            meta = read_dataset(
+                handle, False, True, stop_when=lambda tag, vr, length: tag.group != 2
+            )
+            if not UID(str(meta.get("TransferSyntaxUID", ""))).is_deflated:
+                return None
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            total = 0
+            while chunk := handle.read(_INFLATE_CHUNK):
+                while chunk:
+                    total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                    if total > limit:
+                        return (
+                            "decompression bomb: the deflated data set inflates to more than "
+                            f"{limit:,} bytes"
+                        )
+                    chunk = inflater.unconsumed_tail
+    except Exception:  # unreadable or malformed: the real read reports it
+        return None
+    return None
 
 
 def _is_deflated(dataset: Dataset) -> bool:
