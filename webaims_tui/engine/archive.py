@@ -321,3 +321,21 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(_COPY_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sync_file(path: Path) -> None:
+    """fsync a file written and closed earlier: its data reaches the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder: the entries just renamed or linked into it reach the disk."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

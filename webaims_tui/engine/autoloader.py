@@ -65,6 +65,8 @@ from webaims_tui.engine.archive import (
     deferred_elements,
     file_sha256,
     inside,
+    sync_file,
+    sync_folder,
     template_keywords,
     write_part10,
 )
@@ -144,6 +146,7 @@ class Job:
     template: str
     # A job made without settings (a tool, a test) gets the default bound.
     max_decoded_frame_bytes: int = AutoloaderSettings().max_decoded_frame_bytes
+    fsync: bool = True
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,8 @@ def _prepare(job: Job, anonymizer: Anonymizer) -> Outcome:
         _prepare_file_meta(anonymized)
         relative = archive_path_for(anonymized, job.template)
         content_hash = write_part10(anonymized, temp, path, deferred)
+        if job.fsync:
+            sync_file(temp)
         size = temp.stat().st_size
     except OSError as exc:
         temp.unlink(missing_ok=True)
@@ -992,6 +997,7 @@ class Autoloader:
                 temp_folder=str(self.temp_folder),
                 template=self.options.path_template,
                 max_decoded_frame_bytes=self.options.max_decoded_frame_bytes,
+                fsync=self.options.fsync,
             )
             for name in names
         ]
@@ -1075,6 +1081,9 @@ class Autoloader:
         self._assign_paths(places)
         # A place whose path holds another node's different, not yet indexed file waits.
         places = [place for place in places if self._move_into_archive(place)]
+        if self.options.fsync:
+            # Before the index commit and the deletion of the originals in incoming/.
+            self._sync_archive_folders(places)
         created: dict[str, bool] = {}
         self._batch_new_records.clear()
         self._batch_touched_records.clear()
@@ -1300,6 +1309,16 @@ class Autoloader:
             detail = f"cannot move into the archive: {exc.strerror or exc}"
             self._postpone(Postponed(place.item.name, detail, exc.errno))
             return False
+
+    def _sync_archive_folders(self, places: list[_Place]) -> None:
+        """fsync the folders the batch's files were linked into, each once."""
+        folders = {
+            inside(self.paths.archive, PurePosixPath(p.archive_path)).parent
+            for p in places
+            if p.item.temp  # adopted files were in place already
+        }
+        for folder in folders:
+            sync_folder(folder)
 
     def _rename_into_archive(self, place: _Place) -> bool:
         target = inside(self.paths.archive, PurePosixPath(place.archive_path))

@@ -647,6 +647,7 @@ class QRClient:
         spool: Path,
         min_free_disk_mb: int = 0,
         max_instance_mb: int = 4096,
+        fsync: bool = True,
         sink: EventSink = _ignore,
     ) -> None:
         self.local = local
@@ -654,6 +655,7 @@ class QRClient:
         self.spool = spool
         self.min_free_disk_mb = min_free_disk_mb
         self.max_instance_mb = max_instance_mb
+        self.fsync = fsync
         self.sink = sink
 
     # --- associations -------------------------------------------------------------------------
@@ -1127,6 +1129,7 @@ class _RetrieveRun:
                     spool=self.client.spool,
                     incoming=self.client.incoming,
                     min_free_disk_mb=self.client.min_free_disk_mb,
+                    fsync=self.client.fsync,
                 )
         except Exception as exc:  # pynetdicom would turn this into a bare 0xC211
             log.exception("C-GET storage sub-operation failed")

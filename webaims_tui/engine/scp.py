@@ -33,6 +33,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 from webaims_tui import __version__
 from webaims_tui.config import ServerSettings
 from webaims_tui.engine import db
+from webaims_tui.engine.archive import sync_folder
 from webaims_tui.engine.events import (
     AssociationEnded,
     AssociationRejected,
@@ -461,6 +462,7 @@ class StorageServer:
             spool=self.spool,
             incoming=self.incoming,
             min_free_disk_mb=self.settings.min_free_disk_mb,
+            fsync=self.settings.fsync,
         )
 
     # --- database log -------------------------------------------------------------------------
@@ -520,6 +522,7 @@ def write_to_incoming(
     spool: Path,
     incoming: Path,
     min_free_disk_mb: int,
+    fsync: bool = True,
 ) -> tuple[int, int, str, str]:
     """Write one received data set as a Part 10 file: spool/ first, then an atomic rename.
 
@@ -552,7 +555,12 @@ def write_to_incoming(
         with open(temporary, "xb") as handle:
             handle.write(header)
             handle.write(dataset)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(temporary, incoming / name)
+        if fsync:
+            sync_folder(incoming)  # the rename itself must survive a power cut too
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         # out of resources: the write or the rename failed (disk full, quota, permissions)

@@ -414,6 +414,7 @@ class Engine:
             spool=self.settings.paths.spool,
             min_free_disk_mb=server.min_free_disk_mb,
             max_instance_mb=server.max_instance_mb,
+            fsync=server.fsync,
             sink=self.sink,
         )
 
