@@ -1,4 +1,4 @@
-"""Pilot tests of the rule editor: validation blocks saving, preview, save, activate."""
+"""Pilot tests of the rule editor: edits, validation, the live preview, save, activate."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from rich.text import Text
 from textual.coordinate import Coordinate
-from textual.widgets import Button, DataTable, Input, Label, Select, Static
+from textual.pilot import Pilot
+from textual.widgets import Button, DataTable, Input, Label, Select, SelectionList, Static
 
-from tests.ui.archive import TEST_FILES
+from tests.ui.archive import TEST_FILES, FilledArchive
 from tests.ui.conftest import SIZE, wait_until
 from webaims_tui.app import WebaimsApp
 from webaims_tui.config import Settings, ensure_folders
-from webaims_tui.engine import rules
+from webaims_tui.engine import anonymize, rules
 from webaims_tui.engine.profile import default_rule_set
 from webaims_tui.engine.service import Engine
 from webaims_tui.screens.dialogs import ConfirmScreen
@@ -228,3 +229,231 @@ async def test_the_version_that_leaked_phi_is_marked(settings: Settings, tmp_pat
             lambda: str(table.get_cell(str(leaked.id), "leaks")) == "⚠ 2",
             "the new count",
         )
+
+
+async def _open_rules(pilot: Pilot[None]) -> RulesScreen:
+    app = pilot.app
+    assert isinstance(app, WebaimsApp)
+    await wait_until(pilot, lambda: app.engine_ready, "the engine")
+    await pilot.press("4")
+    screen = app.screen
+    assert isinstance(screen, RulesScreen)
+    # The first load (nothing stored: the built-in default stays the draft) has ended.
+    await wait_until(
+        pilot,
+        lambda: not any(w.node is screen and w.group == "rules" for w in screen.workers),
+        "the stored list",
+    )
+    return screen
+
+
+async def _choose_action(pilot: Pilot[None], form: RuleFormScreen, action: str) -> None:
+    """From the match field: tab to the action menu, open it, type the action, take it."""
+    await pilot.press("tab")
+    menu = form.query_one("#rule-action", Select)
+    assert menu.has_focus
+    await pilot.press("enter", *action, "enter")
+    assert menu.value == action
+
+
+def _column(screen: RulesScreen, column: str) -> list[str]:
+    table = screen.query_one("#rules-table", DataTable)
+    return [
+        str(table.get_cell_at(Coordinate(row, table.get_column_index(column))))
+        for row in range(table.row_count)
+    ]
+
+
+async def test_edit_and_delete_a_rule(settings: Settings) -> None:
+    app = WebaimsApp(settings, start_server=False)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _open_rules(pilot)
+        assert _column(screen, "Match") == ["PatientID", "PatientName"]
+        assert _column(screen, "Action") == ["pseudonym", "pseudonym"]
+
+        # Enter on rule 2 opens it in the form; its action becomes "remove".
+        await pilot.press("down", "enter")
+        form = app.screen
+        assert isinstance(form, RuleFormScreen)
+        assert _render(form.query_one(".dialog-question", Static)) == "Edit rule"
+        assert form.query_one("#rule-match", Input).value == "PatientName"
+        await _choose_action(pilot, form, "remove")
+        await pilot.press("ctrl+s")
+        assert app.screen is screen
+        assert _column(screen, "Action") == ["pseudonym", "remove"]
+        assert screen.draft.rules[1] == rules.Rule(match="PatientName", action="remove")
+        assert screen.dirty
+
+        # e on rule 1, then escape: nothing changes.
+        await pilot.press("up", "e")
+        assert isinstance(app.screen, RuleFormScreen)
+        await pilot.press("escape")
+        assert app.screen is screen
+        assert _column(screen, "Action") == ["pseudonym", "remove"]
+
+        # d deletes the rule under the cursor (rule 1) from the draft only.
+        await pilot.press("d")
+        assert _column(screen, "Match") == ["PatientName"]
+        assert [r.match for r in screen.draft.rules] == ["PatientName"]
+        assert "deleted from the draft" in _render(screen.query_one("#rules-message", Static))
+        assert app.engine.rule_sets() == []
+
+
+async def test_moved_rules_and_switches_are_saved_as_shown(settings: Settings) -> None:
+    app = WebaimsApp(settings, start_server=False)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _open_rules(pilot)
+        table = screen.query_one("#rules-table", DataTable)
+
+        # K moves rule 2 up and the cursor goes with it; J moves it back down.
+        await pilot.press("down", "K")
+        assert _column(screen, "Match") == ["PatientName", "PatientID"]
+        assert table.cursor_row == 0
+        await pilot.press("J")
+        assert _column(screen, "Match") == ["PatientID", "PatientName"]
+        assert table.cursor_row == 1
+        await pilot.press("K")
+        assert _column(screen, "Match") == ["PatientName", "PatientID"]
+
+        # The switches sit just before the rules; space flips "Remove private tags" off.
+        assert screen.draft.profile.remove_private
+        await pilot.press("shift+tab")
+        switches = screen.query_one("#profile-options", SelectionList)
+        assert switches.has_focus
+        await pilot.press("down")
+        assert switches.highlighted == 0
+        await pilot.press("space")
+        assert not screen.draft.profile.remove_private
+        assert "remove_private" not in switches.selected
+
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: screen.loaded is not None, "the save")
+        saved, stored = app.engine.rule_set("default")
+        assert stored.version == 1
+        assert [r.match for r in saved.rules] == ["PatientName", "PatientID"]
+        assert not saved.profile.remove_private
+        text = app.engine.rule_set_text("default")
+        assert text.index('"PatientName"') < text.index('"PatientID"')
+        assert saved == screen.draft and not screen.dirty
+
+
+def _name_in_study_description(path: Path) -> str:
+    """Rewrites an archived file so its StudyDescription names the patient; returns the name."""
+    dataset = dcmread(path)
+    dataset.StudyDescription = f"Follow-up of {dataset.PatientName}"
+    dataset.save_as(path)
+    return str(dataset.PatientName)
+
+
+def _change(preview: PreviewScreen, keyword: str) -> anonymize.ElementChange:
+    assert preview.report is not None
+    return next(c for c in preview.report.changes if c.keyword == keyword)
+
+
+async def test_preview_of_an_archived_instance_follows_the_draft(
+    settings: Settings, filled: FilledArchive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patient = _name_in_study_description(filled.files["CT_small.dcm"])
+    source = f"#{filled.instances['CT_small.dcm']}"
+    # A file waiting in incoming/ is what the first preview opens on, not the instance.
+    shutil.copyfile(TEST_FILES / "MR_small.dcm", settings.paths.incoming / "MR_small.dcm")
+    app = WebaimsApp(settings, start_server=False)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _open_rules(pilot)
+        # A keep rule on the free text that carries the patient's name, added as rule 3.
+        await pilot.press("down", "a")
+        form = app.screen
+        assert isinstance(form, RuleFormScreen)
+        await pilot.press(*"StudyDescription")
+        await _choose_action(pilot, form, "keep")
+        await pilot.press("ctrl+s")
+        assert [r.action for r in screen.draft.rules] == ["pseudonym", "pseudonym", "keep"]
+
+        await pilot.press("p")
+        await wait_until(pilot, lambda: isinstance(app.screen, PreviewScreen), "the preview")
+        preview = app.screen
+        assert isinstance(preview, PreviewScreen)
+        field = preview.query_one("#preview-source", Input)
+        assert field.value.endswith("MR_small.dcm")
+        await pilot.press("slash")
+        assert field.has_focus
+        await pilot.press("ctrl+u", *source, "enter")
+        await wait_until(
+            pilot,
+            lambda: preview.report is not None and preview.source == source,
+            "the dry run of the archived instance",
+        )
+        verdict = preview.query_one("#preview-verdict", Static)
+        assert _render(verdict).startswith("QUARANTINE: residual-phi")
+        assert "StudyDescription" in _render(verdict) and verdict.has_class("-refused")
+        kept = _change(preview, "StudyDescription")
+        assert kept.after == f"Follow-up of {patient}" and kept.rule.startswith("rule 3 ")
+        # Kept means unchanged: only "all" shows it, marked as rule 3's doing.
+        table = preview.query_one("#preview-table", DataTable)
+        await pilot.press("a")
+        row = next(i for i, c in enumerate(preview.shown) if c.keyword == "StudyDescription")
+        assert str(table.get_cell_at(Coordinate(row, table.get_column_index("By")))) == "rule 3"
+
+        # e on that row edits rule 3 over the preview; the preview runs again by itself.
+        table.move_cursor(row=row)
+        await pilot.press("e")
+        form = app.screen
+        assert isinstance(form, RuleFormScreen)
+        assert form.query_one("#rule-match", Input).value == "StudyDescription"
+        await _choose_action(pilot, form, "remove")
+        await pilot.press("ctrl+s")
+        assert preview.is_current
+        assert screen.draft.rules[2].action == "remove"
+        await wait_until(
+            pilot, lambda: _change(preview, "StudyDescription").after is None, "the rerun"
+        )
+        assert _render(verdict).startswith("Residual-PHI check: clean")
+        row = next(i for i, c in enumerate(preview.shown) if c.keyword == "StudyDescription")
+        assert table.cursor_row == row  # still on the element just edited
+        assert str(table.get_cell_at(Coordinate(row, table.get_column_index("After")))) == "—"
+
+        # e on an element the profile decided adds a rule for it, last; the preview follows.
+        decided = next(c for c in preview.shown if c.changed and not c.rule.startswith("rule "))
+        table.move_cursor(row=preview.shown.index(decided))
+        await pilot.press("e")
+        form = app.screen
+        assert isinstance(form, RuleFormScreen)
+        assert _render(form.query_one(".dialog-question", Static)) == "Add a rule"
+        assert form.query_one("#rule-match", Input).value == decided.keyword
+        await _choose_action(pilot, form, "keep")
+        await pilot.press("ctrl+s")
+        assert screen.draft.rules[3] == rules.Rule(match=decided.keyword, action="keep")
+        await wait_until(
+            pilot, lambda: _change(preview, decided.keyword).rule.startswith("rule 4 "), "the rerun"
+        )
+        assert _change(preview, decided.keyword).after == decided.before
+
+        # Changes in a burst under the preview, a keystroke's time apart (an import finishing
+        # makes one too), are one dry run, of the last draft.
+        runs: list[rules.RuleSet] = []
+        dry_run = app.engine.dry_run
+
+        def counted(path: Path, rule_set: rules.RuleSet | None = None) -> anonymize.DryRunReport:
+            assert rule_set is not None
+            runs.append(rule_set)
+            return dry_run(path, rule_set)
+
+        monkeypatch.setattr(app.engine, "dry_run", counted)
+        # Gaps far shorter than the delay, so that a slow, shared machine cannot split it.
+        monkeypatch.setattr(preview, "RERUN_DELAY", 1.0)
+        for action in ("empty", "dummy", "keep"):
+            rule = rules.Rule(match="StudyDescription", action=action)
+            screen.change(dataclasses.replace(screen.draft, rules=(*screen.draft.rules[:2], rule)))
+            await pilot.pause(0.1)
+        await wait_until(pilot, lambda: "QUARANTINE" in _render(verdict), "the rerun")
+        await pilot.pause(0.5)
+        assert runs == [screen.draft]
+
+        # Back in the editor and p again: the preview opens on the instance chosen before.
+        await pilot.press("escape")
+        assert app.screen is screen
+        await pilot.press("p")
+        await wait_until(pilot, lambda: isinstance(app.screen, PreviewScreen), "the preview")
+        assert app.screen is not preview and isinstance(app.screen, PreviewScreen)
+        assert app.screen.source == source
+        assert app.screen.query_one("#preview-source", Input).value == source

@@ -75,23 +75,29 @@ def rule_problems(rule: rules.Rule, rule_set: rules.RuleSet) -> list[str]:
 
 
 class RuleFormScreen(ModalScreen[rules.Rule | None]):
-    """Add (``rule`` None) or edit a rule; dismisses with the rule, or None when cancelled."""
+    """Add (``rule`` None, its match filled in with ``match``) or edit a rule.
+
+    Dismisses with the rule, or None when cancelled.
+    """
 
     BINDINGS = [
         Binding("escape", "cancel", "Cancel"),
         Binding("ctrl+s", "save", "Save"),
     ]
 
-    def __init__(self, rule_set: rules.RuleSet, rule: rules.Rule | None = None) -> None:
+    def __init__(
+        self, rule_set: rules.RuleSet, rule: rules.Rule | None = None, *, match: str = ""
+    ) -> None:
         super().__init__(classes="dialog")
         self.rule_set = rule_set
-        self.rule = rule or rules.Rule(match="", action="remove")
+        self.editing = rule is not None
+        self.rule = rule or rules.Rule(match=match, action="remove")
         self.problems: list[str] = []
 
     def compose(self) -> ComposeResult:
         rule = self.rule
         with VerticalScroll(classes="dialog-body rule-form"):
-            yield Static("Edit rule" if rule.match else "Add a rule", classes="dialog-question")
+            yield Static("Edit rule" if self.editing else "Add a rule", classes="dialog-question")
             with Horizontal(classes="form-row"):
                 yield Label("Match (keyword or tag)", classes="form-label")
                 yield Input(rule.match, id="rule-match", suggester=KeywordSuggester())

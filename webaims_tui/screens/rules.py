@@ -5,7 +5,7 @@ written until "save" stores it as the next version of its name, and nothing chan
 anonymized until "activate" (after a confirmation that says what it applies to). Validation is
 the engine's own (:func:`rules.validate`), run on every change; errors show beside the rule and
 block saving. The preview runs the draft on an archived instance or a file (a dry run: nothing
-is written, the linkage database is not touched).
+is written, the linkage database is not touched), and again whenever the draft changes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.reactive import var
 from textual.screen import ModalScreen
+from textual.timer import Timer
 from textual.widgets import Button, DataTable, Footer, Input, Select, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
@@ -113,21 +115,34 @@ class PathScreen(ModalScreen[Path | None]):
 
 
 class PreviewScreen(WebaimsScreen):
-    """Side-by-side before/after of one instance under the draft rule set, and the verdict."""
+    """Side-by-side before/after of one instance under the editor's draft, and the verdict.
+
+    The preview follows the draft: it watches the editor's ``draft`` and runs again whenever
+    it changes, be it a rule edited from here (``e``) or an import or a load that the editor's
+    workers finish meanwhile. It is a screen over the editor rather than a pane beside it
+    because before and after side by side need the whole width at 80 columns.
+    """
 
     TITLE = "Rule preview"
     BINDINGS = [
         Binding("escape", "close", "Back"),
+        Binding("e", "edit_rule", "Edit rule"),
         Binding("a", "toggle_all", "All/changed"),
         Binding("slash", "focus_source", "Source"),
     ]
+    #: Changes can come in bursts (edits in quick succession, an import and a load finishing
+    #: together): one dry run once they settle, not one thread per change.
+    RERUN_DELAY = 0.2
 
-    def __init__(self, draft: rules.RuleSet, source: str) -> None:
+    def __init__(self, editor: RulesScreen, source: str) -> None:
         super().__init__()
-        self.draft = draft
+        self.editor = editor
         self.source = source
         self.report: anonymize.DryRunReport | None = None
+        #: The report's elements as the table's rows, in order.
+        self.shown: list[anonymize.ElementChange] = []
         self.show_all = False
+        self.rerun: Timer | None = None
 
     def compose(self) -> ComposeResult:
         yield StatusHeader()
@@ -149,61 +164,108 @@ class PreviewScreen(WebaimsScreen):
         for column in ("Tag", "Keyword", "Before", "After", "By", "Action"):
             table.add_column(column, key=column)
         table.focus()
-        self.run_preview(self.source)
+        # The watch ends by itself when this screen is closed.
+        self.watch(self.editor, "draft", self.draft_changed, init=False)
+        self.preview()
+
+    def draft_changed(self) -> None:
+        if self.rerun is not None:
+            self.rerun.stop()
+        # Deferred also because the editor sets its draft before it validates it: by then
+        # its errors belong to the new draft.
+        self.rerun = self.set_timer(self.RERUN_DELAY, self.preview)
+
+    def preview(self) -> None:
+        """Dry-run the editor's draft on the source, unless the draft has errors."""
+        if self.editor.errors:
+            self.failed(
+                f"The draft has {len(self.editor.errors)} error(s), shown in the editor: "
+                "an invalid rule set cannot be applied."
+            )
+            return
+        self.run_preview(self.source, self.editor.draft)
 
     @on(Input.Submitted, "#preview-source")
     def source_changed(self, event: Input.Submitted) -> None:
-        self.run_preview(event.value.strip())
+        self.source = event.value.strip()
+        self.preview()
         self.query_one("#preview-table", DataTable).focus()
 
     def action_focus_source(self) -> None:
         self.query_one("#preview-source", Input).focus()
 
     def action_close(self) -> None:
-        self.app.pop_screen()
+        self.dismiss()
 
     def action_toggle_all(self) -> None:
         self.show_all = not self.show_all
         self.show_report()
 
+    @on(DataTable.RowSelected, "#preview-table")
+    def action_edit_rule(self) -> None:
+        """Edit the rule that decided the highlighted element, or add one where none did."""
+        table = self.query_one("#preview-table", DataTable)
+        if not 0 <= table.cursor_row < len(self.shown):
+            return
+        change = self.shown[table.cursor_row]
+        acted = _RULE_WHERE.match(change.rule)
+        if acted:
+            self.editor.edit_rule(int(acted.group(1)) - 1)
+        else:
+            # No rule matched the element (the profile decided it), so where the new rule
+            # goes in the order does not matter to it: last.
+            self.editor.add_rule(len(self.editor.draft.rules), change.keyword or change.tag)
+
     @work(thread=True, group="rules-preview", exclusive=True, exit_on_error=False, name="preview")
-    def run_preview(self, source: str) -> None:
+    def run_preview(self, source: str, draft: rules.RuleSet) -> None:
         engine = self.webaims.engine
+        outcome: anonymize.DryRunReport | str
         try:
             if source.startswith("#"):
                 path = engine.instance_file(int(source[1:])).path
             else:
                 path = Path(source).expanduser()
-            report = engine.dry_run(path, self.draft)
-        except (OSError, ValueError, LookupError) as exc:
-            self.app.call_from_thread(self.failed, f"Cannot preview {source!r}: {exc}")
-            return
+            outcome = engine.dry_run(path, draft)
         except Exception as exc:  # an unreadable file must not end the editor
-            self.app.call_from_thread(self.failed, f"Cannot preview {source!r}: {exc}")
+            outcome = f"Cannot preview {source!r}: {exc}"
+        self.app.call_from_thread(self.ran, source, draft, outcome)
+
+    def ran(self, source: str, draft: rules.RuleSet, outcome: anonymize.DryRunReport | str) -> None:
+        # A thread cannot be interrupted: a run that a newer source or draft superseded still
+        # ends, and must not replace what the newer run shows.
+        if source != self.source or draft != self.editor.draft:
             return
-        self.app.call_from_thread(self.show, report)
+        if isinstance(outcome, str):
+            self.failed(outcome)
+        else:
+            self.report = outcome
+            self.show_report()
 
     def failed(self, message: str) -> None:
+        # The table would otherwise go on showing another instance or an older draft.
+        self.report = None
+        self.shown = []
+        self.query_one("#preview-table", DataTable).clear()
         verdict = self.query_one("#preview-verdict", Static)
         verdict.update(message)
         verdict.set_class(True, "-refused")
         verdict.set_class(False, "-clean")
-
-    def show(self, report: anonymize.DryRunReport) -> None:
-        self.report = report
-        self.show_report()
 
     def show_report(self) -> None:
         report = self.report
         if report is None:
             return
         table = self.query_one("#preview-table", DataTable)
+        # A rerun keeps the cursor on the element it was on (the one just edited, usually).
+        row = table.cursor_row
+        highlighted = self.shown[row].path if 0 <= row < len(self.shown) else None
         table.clear()
         changed = [c for c in report.changes if c.changed]
         by_rules = [c for c in changed if c.rule.startswith("rule ")]
+        self.shown = report.changes if self.show_all else changed
         # Before and after side by side must fit 80 columns next to the tag and keyword.
         width = 18 if self.app.size.width < 110 else 26
-        for change in report.changes if self.show_all else changed:
+        for change in self.shown:
             # The edited rules' own effects stand out from the profile's.
             style = "bold yellow" if change.rule.startswith("rule ") else ""
             if not change.changed:
@@ -216,6 +278,9 @@ class PreviewScreen(WebaimsScreen):
                 Text(_acted_by(change.rule), style=style),
                 change.action,
             )
+        paths = [c.path for c in self.shown]
+        if highlighted in paths:
+            table.move_cursor(row=paths.index(highlighted))
         verdict = self.query_one("#preview-verdict", Static)
         summary = (
             f"{len(changed)} of {len(report.changes)} elements changed, {len(by_rules)} by "
@@ -278,8 +343,10 @@ Right: the draft. Its name (saving under a new name starts a new rule set), the 
 the profile acts where no rule does). a adds a rule, e or enter edits, d deletes,
 K/J (shift+up/down) move it. Errors show beside the rule and block saving.
 p previews the draft on an archived instance (#id) or a file: before/after and the
-residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the version shown
-(after saying what it applies to). i imports a TOML file into the draft, x exports the draft."""
+residual-PHI verdict, run again on every change of the draft; e there edits the rule that
+decided the highlighted element (or adds one for it). ctrl+s saves the draft as a new
+version; A activates the version shown (after saying what it applies to). i imports a TOML
+file into the draft, x exports the draft."""
 
     BINDINGS = [
         Binding("a", "add_rule", "Add"),
@@ -295,13 +362,17 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
         Binding("escape", "focus_rules", "Rules", show=False),
     ]
 
+    #: Reactive so that the preview, a screen of its own over this one, can watch it.
+    draft: var[rules.RuleSet] = var(default_rule_set, init=False)
+
     def __init__(self) -> None:
         super().__init__()
         self.stored: list[rules.StoredRuleSet] = []
-        self.draft: rules.RuleSet = default_rule_set()
         self.loaded: rules.StoredRuleSet | None = None
         self.dirty = False
         self.errors: list[rules.RuleError] = []
+        #: What the last preview showed: the next one opens on it.
+        self.preview_source: str | None = None
 
     # --- layout -------------------------------------------------------------------------------
 
@@ -551,21 +622,32 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
         self.query_one("#rules-table", DataTable).focus()
 
     def action_add_rule(self) -> None:
+        index = self._cursor()
+        self.add_rule(len(self.draft.rules) if index is None else index + 1)
+
+    def add_rule(self, at: int, match: str = "") -> None:
+        """Ask for a new rule (its match filled in with ``match``) and insert it at ``at``."""
+
         def added(rule: rules.Rule | None) -> None:
             if rule is not None:
-                index = self._cursor()
-                at = len(self.draft.rules) if index is None else index + 1
                 new = (*self.draft.rules[:at], rule, *self.draft.rules[at:])
                 self.change(dataclasses.replace(self.draft, rules=new))
                 self.query_one("#rules-table", DataTable).move_cursor(row=at)
 
-        self.app.push_screen(RuleFormScreen(self.draft), added)
+        self.app.push_screen(RuleFormScreen(self.draft, match=match), added)
 
     @on(DataTable.RowSelected, "#rules-table")
     def action_edit_rule(self) -> None:
         index = self._cursor()
-        if index is None:
+        if index is not None:
+            self.edit_rule(index)
+
+    def edit_rule(self, index: int) -> None:
+        """Ask for the rule at ``index`` (0-based) changed; the table's cursor goes to it."""
+        if not 0 <= index < len(self.draft.rules):
             return
+        # Edited from the preview, the rule is the one under the cursor on coming back.
+        self.query_one("#rules-table", DataTable).move_cursor(row=index)
 
         def edited(rule: rules.Rule | None) -> None:
             if rule is not None:
@@ -599,12 +681,23 @@ residual-PHI verdict. ctrl+s saves the draft as a new version; A activates the v
         if self.errors:
             self.say("Fix the errors first: an invalid rule set cannot be applied.", error=True)
             return
-        self.pick_preview_source()
+        if self.preview_source is None:
+            self.pick_preview_source()
+        else:
+            self.open_preview(self.preview_source)
 
     @work(thread=True, group="rules-preview", exit_on_error=False, name="preview source")
     def pick_preview_source(self) -> None:
         source = default_preview_source(self.webaims)
-        self.app.call_from_thread(self.app.push_screen, PreviewScreen(self.draft, source))
+        self.app.call_from_thread(self.open_preview, source)
+
+    def open_preview(self, source: str) -> None:
+        preview = PreviewScreen(self, source)
+
+        def closed(_result: None) -> None:
+            self.preview_source = preview.source
+
+        self.app.push_screen(preview, closed)
 
     def action_save(self) -> None:
         if self.errors:
