@@ -1,4 +1,5 @@
-"""Snapshot tests of the query/retrieve, rules, nodes and settings screens at 80x24 and 120x40.
+"""Snapshot tests of the query/retrieve, rules, nodes and settings screens at 80x24 and 120x40,
+and of their dialogs (node form, live setting, rule set path, activation, help).
 
 Deterministic by construction: no server and no network (query results and retrieve jobs are
 put on the screen the way the workers would), a fixed clock, port 11112, nodes with fixed echo
@@ -27,11 +28,13 @@ from webaims_tui.app import WebaimsApp
 from webaims_tui.config import PathSettings
 from webaims_tui.engine import db, qr
 from webaims_tui.engine.profile import default_rule_set
-from webaims_tui.engine.rules import Rule
+from webaims_tui.engine.rules import Rule, RuleSet
+from webaims_tui.screens.dialogs import ConfirmScreen, HelpScreen
+from webaims_tui.screens.node_form import NodeFormScreen
 from webaims_tui.screens.query import QueryScreen, RetrieveJob, RetrieveRow
 from webaims_tui.screens.rule_form import RuleFormScreen
-from webaims_tui.screens.rules import PreviewScreen, RulesScreen
-from webaims_tui.screens.settings import SettingsScreen
+from webaims_tui.screens.rules import PathScreen, PreviewScreen, RulesScreen
+from webaims_tui.screens.settings import EditSettingScreen, SettingsScreen
 
 NOW = datetime(2026, 12, 1, 10, 0, 30)
 ECHOED = datetime(2026, 12, 1, 9, 58, 0)
@@ -313,11 +316,121 @@ async def _settings(pilot: Pilot[None]) -> None:
     await _tables_measured(pilot)
 
 
+async def _node_form_errors(pilot: Pilot[None]) -> None:
+    await _nodes(pilot)
+    app = pilot.app
+    await pilot.press("a")
+    await wait_until(pilot, lambda: isinstance(app.screen, NodeFormScreen), "the form")
+    form = app.screen
+    assert isinstance(form, NodeFormScreen)
+    # Typed as a user would: a good name, an AE title over 16 characters, a port out of range.
+    await pilot.press(*"pacs-new", "tab", *"RADIOLOGYARCHIVE02", "tab", *"10.0.0.7", "tab")
+    await pilot.press(*"99999")
+    await wait_until(pilot, lambda: set(form.errors) == {"ae_title", "port"}, "the two errors")
+    await pilot.pause(0.2)
+
+
+async def _edit_setting(pilot: Pilot[None]) -> None:
+    await _settings(pilot)
+    app = pilot.app
+    table = app.screen.query_one("#settings-table", DataTable)
+    table.move_cursor(row=table.get_row_index("server.allowed_calling_aes"))
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: isinstance(app.screen, EditSettingScreen), "the dialog")
+    await pilot.pause(0.2)
+
+
+async def _rules_loaded(pilot: Pilot[None], *others: RuleSet) -> RulesScreen:
+    """The rules screen on the active built-in default (what a first start stores), with
+    ``others`` stored as well."""
+    app = pilot.app
+    assert isinstance(app, WebaimsApp)
+    await wait_until(pilot, lambda: app.engine_ready, "the database")
+    stored = app.engine.save_rule_set(default_rule_set(), comment="built-in default")
+    app.engine.activate_rule_set(stored.name, stored.version)
+    for other in others:
+        app.engine.save_rule_set(other)
+    await pilot.press("4")
+    screen = app.screen
+    assert isinstance(screen, RulesScreen)
+    await wait_until(pilot, lambda: screen.loaded is not None, "the active rule set")
+    await _tables_measured(pilot)
+    return screen
+
+
+async def _rules_import(pilot: Pilot[None]) -> None:
+    await _rules_loaded(pilot)
+    app = pilot.app
+    await pilot.press("i")
+    await wait_until(pilot, lambda: isinstance(app.screen, PathScreen), "the path dialog")
+    await pilot.press(*"/srv/webaims/rules/study-x.toml")
+    await pilot.pause(0.2)
+
+
+async def _rules_activate(pilot: Pilot[None]) -> None:
+    app = pilot.app
+    assert isinstance(app, WebaimsApp)
+    await wait_until(pilot, lambda: app.engine_ready, "the database")
+    # Files waiting in incoming/ (no autoloader runs here): the question counts them.
+    incoming = app.engine.settings.paths.incoming
+    for number in range(3):
+        (incoming / f"waiting-{number}.dcm").write_bytes(b"")
+    study = dataclasses.replace(
+        default_rule_set(),
+        name="study-x",
+        rules=(*default_rule_set().rules, Rule(match="StudyDescription", action="keep")),
+    )
+    screen = await _rules_loaded(pilot, study)
+    # study-x v1 is the newest, so the first row of the stored versions: open it, activate it.
+    screen.query_one("#rule-sets", DataTable).focus()
+    await pilot.press("home", "enter")
+    await wait_until(
+        pilot, lambda: screen.loaded is not None and screen.loaded.name == "study-x", "study-x"
+    )
+    await pilot.press("A")
+    await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the question")
+    await pilot.pause(0.2)
+
+
+async def _rules_help(pilot: Pilot[None]) -> None:
+    await _rules_loaded(pilot)
+    app = pilot.app
+    await pilot.press("question_mark")
+    await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help")
+    await pilot.pause(0.2)
+
+
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
 @pytest.mark.parametrize(
     "run_before",
-    [_query, _query_failure, _rules, _rule_form, _preview, _nodes, _settings],
-    ids=["query", "query-failure", "rules", "rule-form", "preview", "nodes", "settings"],
+    [
+        _query,
+        _query_failure,
+        _rules,
+        _rule_form,
+        _preview,
+        _nodes,
+        _settings,
+        _node_form_errors,
+        _edit_setting,
+        _rules_import,
+        _rules_activate,
+        _rules_help,
+    ],
+    ids=[
+        "query",
+        "query-failure",
+        "rules",
+        "rule-form",
+        "preview",
+        "nodes",
+        "settings",
+        "node-form-errors",
+        "edit-setting",
+        "rules-import",
+        "rules-activate",
+        "rules-help",
+    ],
 )
 def test_part2_screen(
     snap_compare: SnapCompare,

@@ -1,4 +1,5 @@
-"""Snapshot tests of the shell, the receive log and the browser at 80x24 and 120x40.
+"""Snapshot tests of the shell, the receive log, the browser and the instance screen at 80x24
+and 120x40.
 
 Deterministic by construction: the server is not started (the test injects the events the engine
 would emit, with fixed times and port 11112), the clock and the free-disk figure are fixed, and the
@@ -13,6 +14,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from textual.pilot import Pilot
+from textual.widgets import Tree
 
 from tests.conftest import SettingsFactory
 from tests.ui.archive import fill_archive
@@ -26,9 +28,11 @@ from webaims_tui.engine.events import (
     InstanceQuarantined,
     InstanceReceived,
     QueueDepth,
+    ServerFailed,
     ServerStarted,
 )
 from webaims_tui.screens.browser import BrowserScreen
+from webaims_tui.screens.instance import InstanceScreen
 
 NOW = datetime(2026, 12, 1, 10, 0, 30)
 START = datetime(2026, 12, 1, 10, 0, 0)
@@ -175,14 +179,53 @@ async def _browser_series(pilot: Pilot[None]) -> None:
     await pilot.pause(0.2)
 
 
+async def _port_in_use(pilot: Pilot[None]) -> None:
+    """What the engine emits when another process holds port 11112 (the SCP's own wording)."""
+    app = pilot.app
+    assert isinstance(app, WebaimsApp)
+    await wait_until(pilot, lambda: app.engine_ready, "the database")
+    reason = "cannot listen on 127.0.0.1:11112: Address already in use"
+    app.engine_sink(ServerFailed("127.0.0.1", 11112, reason, at=START))
+    await wait_until(pilot, lambda: bool(app.server_error), "the bind error")
+    await pilot.pause(0.3)
+
+
+async def _instance_tags(pilot: Pilot[None]) -> None:
+    """The tag dump of the CT instance, with the image preview hidden (v).
+
+    The preview widget is chosen from the terminal pytest runs in (Sixel, kitty graphics or
+    half blocks) and its pixels come from Pillow's resampling, which is not pinned: neither
+    belongs in a snapshot.
+    """
+    await _browser_ready(pilot)
+    screen = pilot.app.screen
+    assert isinstance(screen, BrowserScreen)
+
+    def at_level(level: str) -> Callable[[], bool]:
+        return lambda: screen.page is not None and screen.page.query.level == level
+
+    for level in ("study", "series", "instance"):
+        await pilot.press("enter")
+        await wait_until(pilot, at_level(level), level)
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, InstanceScreen), "the instance")
+    instance = pilot.app.screen
+    assert isinstance(instance, InstanceScreen)
+    tree = instance.query_one("#tags", Tree)
+    await wait_until(pilot, lambda: len(tree.root.children) > 10, "the tag dump")
+    await wait_until(pilot, lambda: instance.frame is not None, "the decoded frame")
+    await pilot.press("v")
+    await pilot.pause(0.2)
+
+
 Before = Callable[[Pilot[None]], Awaitable[None]]
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
 @pytest.mark.parametrize(
     "run_before",
-    [_log_ready, _log_expanded, _browser_ready, _browser_series],
-    ids=["log", "log-expanded", "browser", "browser-series"],
+    [_log_ready, _log_expanded, _browser_ready, _browser_series, _port_in_use, _instance_tags],
+    ids=["log", "log-expanded", "browser", "browser-series", "port-in-use", "instance-tags"],
 )
 def test_screen(
     snap_compare: SnapCompare,
