@@ -97,6 +97,22 @@ class ExportScreen(ModalScreen[ExportChoice | None]):
         self.dismiss(None)
 
 
+def unwrapped(text: str) -> str:
+    """Help text with its source line breaks taken out of sentences, so the box wraps it.
+
+    The HELP strings are wrapped for the source file (~95 columns), wider than the box at
+    80x24; a line that does not end a sentence, a heading or a list lead-in (``.``, ``]``,
+    ``:``) goes on with the next.
+    """
+    lines: list[str] = []
+    for line in text.splitlines():
+        if lines and line and lines[-1] and not lines[-1].rstrip().endswith((".", ":", "]")):
+            lines[-1] = f"{lines[-1].rstrip()} {line.lstrip()}"
+        else:
+            lines.append(line)
+    return "\n".join(lines)
+
+
 class HelpScreen(ModalScreen[None]):
     """Help for the screen underneath: its description and every key it answers to."""
 
@@ -124,7 +140,7 @@ class HelpScreen(ModalScreen[None]):
             keys.append(f"{key:>12}  ", style="bold")
             keys.append(f"{binding.description}\n")
         with VerticalScroll(classes="dialog-body help-body"):
-            yield Static(self.help_text, classes="help-text")
+            yield Static(unwrapped(self.help_text), classes="help-text")
             yield Static(keys, classes="help-keys")
             yield Static("esc closes this help", classes="help-hint")
 
