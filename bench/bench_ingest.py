@@ -290,7 +290,7 @@ def run_end_to_end(files: list[Path], work: Path, config: Path) -> Result:
         stop(process)
 
 
-def run_orthanc(files: list[Path], work: Path) -> Result | None:
+def run_orthanc(files: list[Path], work: Path, fsync: bool) -> Result | None:
     binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     if not Path(binary).exists():
         return None
@@ -313,6 +313,8 @@ def run_orthanc(files: list[Path], work: Path) -> Result | None:
                 "DicomAlwaysAllowStore": True,
                 "DicomAlwaysAllowEcho": True,
                 "DicomCheckCalledAet": False,
+                # Orthanc's default (>= 1.7.4), like ours: each stored file is synced to disk.
+                "SyncStorageArea": fsync,
             }
         )
     )
@@ -353,6 +355,12 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512, help="rows = columns (default 512)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument(
+        "--no-fsync",
+        dest="fsync",
+        action="store_false",
+        help="webaims and Orthanc without syncing each file to disk (both sync by default)",
+    )
+    parser.add_argument(
         "--skip",
         action="append",
         default=[],
@@ -365,7 +373,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="webaims-bench-"))
     try:
         config = work / "config.toml"
-        config.write_text("")
+        # --no-fsync: neither webaims nor Orthanc syncs what it writes (the bare SCP never does).
+        config.write_text(
+            "" if args.fsync else "[server]\nfsync = false\n[autoloader]\nfsync = false\n"
+        )
         source = work / "source"
         source.mkdir()
         started = time.perf_counter()
@@ -379,7 +390,7 @@ def main() -> int:
             "bare": lambda: run_bare(files, work),
             "receive": lambda: run_receive_only(files, work, config),
             "e2e": lambda: run_end_to_end(files, work, config),
-            "orthanc": lambda: run_orthanc(files, work),
+            "orthanc": lambda: run_orthanc(files, work, args.fsync),
             "alone": lambda: run_autoloader_alone(files, work, config),
         }
         results: dict[str, Result] = {}
