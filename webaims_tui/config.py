@@ -111,13 +111,17 @@ class AnonymizationSettings:
     uid_root: str = "2.25."
     quarantine_burned_in: bool = True
     burned_in_modalities: tuple[str, ...] = ("US", "SC")
-    #: Secondary Capture and its multi-frame variants: scanned documents, screenshots.
+    #: Secondary Capture and its multi-frame variants (scanned documents, screenshots), and
+    #: Encapsulated PDF and CDA: their text sits inside one opaque value that neither the rules
+    #: nor the residual-PHI check can read.
     burned_in_sop_classes: tuple[str, ...] = (
         "1.2.840.10008.5.1.4.1.1.7",
         "1.2.840.10008.5.1.4.1.1.7.1",
         "1.2.840.10008.5.1.4.1.1.7.2",
         "1.2.840.10008.5.1.4.1.1.7.3",
         "1.2.840.10008.5.1.4.1.1.7.4",
+        "1.2.840.10008.5.1.4.1.1.104.1",
+        "1.2.840.10008.5.1.4.1.1.104.2",
     )
 
 

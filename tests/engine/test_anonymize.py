@@ -486,6 +486,9 @@ def test_default_rule_set_pseudonymizes_patient_and_shifts_dates() -> None:
         ({"BurnedInAnnotation": "YES"}, "Burned In Annotation"),
         ({"Modality": "US"}, "modality US"),
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "SOP class"),
+        # Encapsulated PDF and CDA: text the residual-PHI check cannot read.
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.104.1"}, "SOP class"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.104.2"}, "SOP class"),
     ],
 )
 def test_burned_in_annotation_is_refused_unless_allowed(
