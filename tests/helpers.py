@@ -12,10 +12,12 @@ import pydicom.data
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
+from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
 from webaims_tui.engine.events import EngineEvent
 from webaims_tui.engine.scp import storage_sop_classes
+from webaims_tui.engine.service import Engine
 
 E = TypeVar("E", bound=EngineEvent)
 
@@ -100,3 +102,16 @@ class EventRecorder:
                         f"waited {timeout}s for {count} {kind.__name__}, got {len(found)}"
                     )
                 self._condition.wait(remaining)
+
+
+def scu(calling_ae: str = "TESTSCU") -> AE:
+    """A pynetdicom SCU with short timeouts: a test fails in seconds, not minutes."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    return ae
+
+
+def scp_port(engine: Engine) -> int:
+    """The port the engine's Storage SCP listens on (it must be listening)."""
+    assert engine.server is not None and engine.server.listening
+    return engine.server.port

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from tests.conftest import SettingsFactory
-from tests.helpers import EventRecorder
+from tests.helpers import EventRecorder, scp_port, scu
 from webaims_tui.engine import db
 from webaims_tui.engine.events import (
     AssociationEnded,
@@ -24,21 +24,10 @@ from webaims_tui.engine.scp import IMPLEMENTATION_CLASS_UID
 from webaims_tui.engine.service import Engine
 
 
-def _scu(calling_ae: str = "TESTSCU") -> AE:
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    return ae
-
-
-def _port(engine: Engine) -> int:
-    assert engine.server is not None and engine.server.listening
-    return engine.server.port
-
-
 def test_echo_succeeds(receiver: Engine) -> None:
-    ae = _scu()
+    ae = scu()
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", _port(receiver), ae_title="WEBAIMS")
+    assoc = ae.associate("127.0.0.1", scp_port(receiver), ae_title="WEBAIMS")
     assert assoc.is_established
     status = assoc.send_c_echo()
     assoc.release()
@@ -49,12 +38,12 @@ def test_every_storage_file_of_the_corpus_is_stored_as_sent(
     receiver: Engine, events: EventRecorder, corpus: list[Path]
 ) -> None:
     incoming = receiver.settings.paths.incoming
-    ae = _scu()
+    ae = scu()
     # One context per (SOP class, transfer syntax) pair: each file goes in its own syntax, as a
     # modality would send it.
     for sop_class, syntax in sorted({_context_of(path) for path in corpus}):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate("127.0.0.1", _port(receiver), ae_title="WEBAIMS")
+    assoc = ae.associate("127.0.0.1", scp_port(receiver), ae_title="WEBAIMS")
     assert assoc.is_established
     for path in corpus:
         # Sending the path makes pynetdicom send the file's bytes without re-encoding them.
@@ -93,17 +82,17 @@ def test_unknown_calling_ae_is_rejected_when_the_allow_list_is_on(
     engine = Engine(make_settings(allowed_calling_aes=("MODALITY1",)), sink=events)
     engine.start()
     try:
-        ae = _scu("STRANGER")
+        ae = scu("STRANGER")
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", _port(engine), ae_title="WEBAIMS")
+        assoc = ae.associate("127.0.0.1", scp_port(engine), ae_title="WEBAIMS")
         assert assoc.is_rejected
         rejection = events.wait_for(AssociationRejected)[0]
         assert rejection.reason == "calling AE title not recognised"
         assert rejection.calling_ae == "STRANGER"
 
-        allowed = _scu("MODALITY1")
+        allowed = scu("MODALITY1")
         allowed.add_requested_context(Verification)
-        assoc = allowed.associate("127.0.0.1", _port(engine), ae_title="WEBAIMS")
+        assoc = allowed.associate("127.0.0.1", scp_port(engine), ae_title="WEBAIMS")
         assert assoc.is_established
         assoc.release()
         with db.database.connection_context():
@@ -121,9 +110,9 @@ def test_low_disk_space_answers_out_of_resources_and_writes_nothing(
     engine.start()
     try:
         sent = dcmread(corpus[0])
-        ae = _scu()
+        ae = scu()
         ae.add_requested_context(sent.SOPClassUID, sent.file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", _port(engine), ae_title="WEBAIMS")
+        assoc = ae.associate("127.0.0.1", scp_port(engine), ae_title="WEBAIMS")
         status = assoc.send_c_store(sent)
         assoc.release()
         assert status.Status == 0xA700
@@ -142,9 +131,9 @@ def test_unwritable_incoming_answers_out_of_resources(
     incoming.rmdir()
     incoming.write_text("not a folder")  # the rename into incoming/ now fails
     sent = dcmread(corpus[0])
-    ae = _scu()
+    ae = scu()
     ae.add_requested_context(sent.SOPClassUID, sent.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", _port(receiver), ae_title="WEBAIMS")
+    assoc = ae.associate("127.0.0.1", scp_port(receiver), ae_title="WEBAIMS")
     status = assoc.send_c_store(sent)
     assoc.release()
     assert status.Status == 0xA700
@@ -168,11 +157,11 @@ def test_connection_dropped_mid_transfer_leaves_no_file(
                 sock = event.assoc.dul.socket.socket
                 sock.shutdown(socket.SHUT_RDWR)
 
-        ae = _scu()
+        ae = scu()
         ae.add_requested_context(CTImageStorage, big.file_meta.TransferSyntaxUID)
         assoc = ae.associate(
             "127.0.0.1",
-            _port(engine),
+            scp_port(engine),
             ae_title="WEBAIMS",
             evt_handlers=[(evt.EVT_PDU_SENT, drop_after_a_few)],
         )
@@ -203,8 +192,8 @@ def _large_ct_files() -> list[Path]:
 def test_sixteen_character_calling_ae_is_recorded(
     receiver: Engine, events: EventRecorder, calling_ae: str
 ) -> None:
-    ae = _scu(calling_ae)
+    ae = scu(calling_ae)
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", _port(receiver), ae_title="WEBAIMS")
+    assoc = ae.associate("127.0.0.1", scp_port(receiver), ae_title="WEBAIMS")
     assoc.release()
     assert events.wait_for(AssociationEnded)[0].calling_ae == calling_ae

@@ -12,12 +12,12 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from tests.adversarial.test_disk_full import mounted_tmpfs
 from tests.conftest import SettingsFactory
-from tests.helpers import EventRecorder
+from tests.helpers import EventRecorder, scp_port, scu
 from webaims_tui.engine.events import AssociationEnded, AssociationRejected, StoreFailed
 from webaims_tui.engine.scp import (
     IMPLEMENTATION_CLASS_UID,
@@ -63,27 +63,16 @@ TRANSFER_SYNTAXES = [
 A_ABORT = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0, 0)
 
 
-def _scu(calling_ae: str = "TESTSCU") -> AE:
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    return ae
-
-
-def _port(engine: Engine) -> int:
-    assert engine.server is not None and engine.server.listening
-    return engine.server.port
-
-
 @pytest.mark.parametrize("modality", sorted(SEED_STORAGE_CLASSES))
 def test_seed_storage_classes_are_accepted_in_every_common_syntax(
     receiver: Engine, modality: str
 ) -> None:
     """One context per syntax, as a modality proposes them: each one must be accepted."""
     sop_class = SEED_STORAGE_CLASSES[modality]
-    ae = _scu()
+    ae = scu()
     for syntax in TRANSFER_SYNTAXES:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate("127.0.0.1", _port(receiver), ae_title="WEBAIMS")
+    assoc = ae.associate("127.0.0.1", scp_port(receiver), ae_title="WEBAIMS")
     try:
         assert assoc.is_established
         accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts}
@@ -94,9 +83,9 @@ def test_seed_storage_classes_are_accepted_in_every_common_syntax(
 
 
 def test_the_association_accept_names_our_implementation(receiver: Engine) -> None:
-    ae = _scu()
+    ae = scu()
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", _port(receiver), ae_title="WEBAIMS")
+    assoc = ae.associate("127.0.0.1", scp_port(receiver), ae_title="WEBAIMS")
     try:
         assert assoc.is_established
         assert assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
@@ -111,16 +100,16 @@ def test_a_wrong_called_ae_is_rejected_when_required(
     engine = Engine(make_settings(require_called_ae=True), sink=events)
     engine.start()
     try:
-        ae = _scu()
+        ae = scu()
         ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", _port(engine), ae_title="SOMEONE_ELSE")
+        assoc = ae.associate("127.0.0.1", scp_port(engine), ae_title="SOMEONE_ELSE")
         assert assoc.is_rejected
         # PS3.8 7.1.1.9: rejected-permanent (1), by the service user (1), called AE title not
         # recognised (7).
         rejection = assoc.acceptor.primitive
         assert (rejection.result, rejection.result_source, rejection.diagnostic) == (1, 1, 7)
         assert events.wait_for(AssociationRejected)
-        ours = ae.associate("127.0.0.1", _port(engine), ae_title="WEBAIMS")
+        ours = ae.associate("127.0.0.1", scp_port(engine), ae_title="WEBAIMS")
         assert ours.is_established
         assert ours.send_c_echo().Status == 0x0000
         ours.release()
@@ -146,11 +135,11 @@ def test_an_a_abort_mid_transfer_leaves_no_file(
                 sock = event.assoc.dul.socket.socket
                 sock.sendall(A_ABORT)
 
-        ae = _scu()
+        ae = scu()
         ae.add_requested_context(CTImageStorage, big.file_meta.TransferSyntaxUID)
         assoc = ae.associate(
             "127.0.0.1",
-            _port(engine),
+            scp_port(engine),
             ae_title="WEBAIMS",
             evt_handlers=[(evt.EVT_PDU_SENT, abort_after_a_few)],
         )
@@ -193,9 +182,9 @@ def test_a_really_full_disk_answers_out_of_resources_and_keeps_serving(
         engine.server = StorageServer(settings.server, paths.incoming, paths.spool, events)
         engine.server.start()
         try:
-            ae = _scu()
+            ae = scu()
             ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-            assoc = ae.associate("127.0.0.1", _port(engine), ae_title="WEBAIMS")
+            assoc = ae.associate("127.0.0.1", scp_port(engine), ae_title="WEBAIMS")
             assert assoc.is_established
             assert assoc.send_c_store(_image(1024, 1024)).Status == 0xA700
             assert "cannot write" in events.wait_for(StoreFailed)[0].reason
