@@ -380,6 +380,27 @@ def test_nested_uids_are_replaced_at_every_depth_and_references_resolve() -> Non
 # --- the profile and its options ------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("rules", "removed"),
+    [
+        ((), "YES"),
+        # An option keeps characteristics (sex, age), never who the patient is.
+        ((Rule("PatientSex", "keep"), Rule("PatientAge", "keep")), "YES"),
+        ((Rule("PatientName", "keep"),), "NO"),
+        ((Rule("PatientID", "keep"),), "NO"),
+        ((Rule("PatientBirthDate", "keep"),), "NO"),
+        # Replaced, not kept: the identity is gone.
+        ((Rule("PatientID", "pseudonym"),), "YES"),
+    ],
+)
+def test_patient_identity_removed_says_no_when_a_rule_keeps_the_identity(
+    rules: tuple[Rule, ...], removed: str
+) -> None:
+    engine = anonymizer(rules, profile=ProfileOptions(retain_longitudinal="off"))
+    out = roundtrip(engine.anonymize(make_dataset()).dataset)
+    assert out.PatientIdentityRemoved == removed
+
+
 def test_basic_profile_without_options() -> None:
     out = basic()
     assert out.PatientIdentityRemoved == "YES"

@@ -158,6 +158,8 @@ class _Context:
     watchlist: phi.Watchlist
     trace: list[ElementChange] | None
     kept_identifying: list[str] = field(default_factory=list)
+    #: A rule of the rule set (not a profile option) kept a value that names the patient.
+    identity_kept: bool = False
 
 
 class RuleAnonymizer:
@@ -363,6 +365,11 @@ class RuleAnonymizer:
                 # it from the residual check; falling through to "keep" does not.
                 if compiled is not None and tag in phi.IDENTIFYING_TAGS:
                     context.kept_identifying += phi.value_strings(dataset[tag].value)
+                # The profile's options keep characteristics, never the patient's identity;
+                # an admin's rule can: then the output must not claim the identity removed.
+                user_rule = compiled is not None and index < len(self.rule_set.rules)
+                if user_rule and tag in phi.PATIENT_IDENTITY_TAGS:
+                    context.identity_kept = context.identity_kept or bool(dataset[tag].value)
                 label = compiled.label if compiled else "no rule: kept"
                 self._trace_keep(context, path, tag, vr, raw, label)
                 if vr == "SQ":
@@ -529,7 +536,8 @@ class RuleAnonymizer:
                 if tag in meta:
                     del meta[tag]
         before = {tag: _display(dataset, tag, dataset.get_item(tag)) for tag in _ADDED_TAGS}
-        dataset.PatientIdentityRemoved = "YES"
+        # PS3.3 C.7.1.1: YES only when the patient's identity really is gone.
+        dataset.PatientIdentityRemoved = "NO" if context.identity_kept else "YES"
         methods = [f"webaims-tui rule set {self.rule_set.name}"[:64]]
         if self._codes:
             methods.insert(0, "PS3.15 Basic Application Confidentiality Profile"[:64])

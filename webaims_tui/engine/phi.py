@@ -76,6 +76,24 @@ IDENTIFYING_KEYWORDS: tuple[str, ...] = (
 
 IDENTIFYING_TAGS = frozenset(keyword_dict[k] for k in IDENTIFYING_KEYWORDS)
 
+#: The values that name the patient (not their characteristics, physicians or institution):
+#: kept by a rule, the output's Patient Identity Removed is NO.
+PATIENT_IDENTITY_TAGS = frozenset(
+    keyword_dict[k]
+    for k in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "OtherPatientNames",
+        "OtherPatientIDsSequence",
+        "PatientBirthName",
+        "PatientMotherBirthName",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "MedicalRecordLocator",
+    )
+)
+
 #: Text the equipment or a coding scheme writes, never a person: a patient named "Test" is not
 #: leaked by a coding scheme designator "TEST", nor an institution "Here" by a vendor's string.
 NOT_SCANNED_KEYWORDS: tuple[str, ...] = (
