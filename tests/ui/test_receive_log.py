@@ -130,6 +130,9 @@ async def test_port_in_use_is_shown_and_the_app_keeps_running(
             text = str(app.screen.query_one(StatusHeader).render())
             assert "NOT LISTENING" in text
             assert str(port) in text
+            # The receive log keeps the reason too, as an error line.
+            errors = [e for e in app.activity.entries if getattr(e, "kind", "") == "error"]
+            assert any(str(port) in e.text and "server" in e.text for e in errors)
             await pilot.press("2")
             assert isinstance(app.screen, BrowserScreen)
 

@@ -35,6 +35,7 @@ from webaims_tui.engine.events import (
     InstanceQuarantined,
     InstanceReceived,
     QueueDepth,
+    ServerFailed,
     StoreFailed,
 )
 from webaims_tui.engine.scp import sop_class_name
@@ -359,6 +360,10 @@ class ActivityModel:
     def _error(self, event: EngineError) -> None:
         self._append(OutcomeEntry("error", event.at, f"{event.where}: {event.message}"))
 
+    def _server_failed(self, event: ServerFailed) -> None:
+        # The header says NOT LISTENING; the log keeps the reason with its time.
+        self._append(OutcomeEntry("error", event.at, f"server: {event.reason}"))
+
     def _resumed(self, event: ArchivingResumed) -> None:
         self._append(OutcomeEntry("resumed", event.at, f"{event.where}: {event.message}"))
 
@@ -374,6 +379,7 @@ class ActivityModel:
         QueueDepth: _queue,  # type: ignore[dict-item]
         EngineError: _error,  # type: ignore[dict-item]
         ArchivingResumed: _resumed,  # type: ignore[dict-item]
+        ServerFailed: _server_failed,  # type: ignore[dict-item]
     }
 
 
