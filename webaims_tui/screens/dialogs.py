@@ -127,11 +127,18 @@ class HelpScreen(ModalScreen[None]):
         keys = Text()
         seen: set[str] = set()
 
-        def rank(node: object) -> int:
-            # The screen's own keys first, then the app's, then the focused widget's navigation.
-            return 0 if node is self.for_screen else 1 if node is self.app else 2
+        # Focus next/previous and copy, which every Textual screen has: not the screen's own.
+        navigation = {binding.action for binding in Screen.BINDINGS if isinstance(binding, Binding)}
 
-        active = sorted(self.for_screen.active_bindings.values(), key=lambda a: rank(a.node))
+        def rank(node: object, binding: Binding) -> int:
+            # The screen's own keys first, then the app's, then navigation and widgets' keys.
+            if node is self.for_screen and binding.action not in navigation:
+                return 0
+            return 1 if node is self.app else 2
+
+        active = sorted(
+            self.for_screen.active_bindings.values(), key=lambda a: rank(a.node, a.binding)
+        )
         for _node, binding, _enabled, _tooltip in active:
             if not binding.description or binding.description in seen:
                 continue
