@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -161,7 +162,7 @@ class PreviewScreen(WebaimsScreen):
         if self.app.is_headless:
             field.cursor_blink = False
         table = self.query_one("#preview-table", DataTable)
-        for column in ("Tag", "Keyword", "Before", "After", "By", "Action"):
+        for column in PREVIEW_COLUMNS:
             table.add_column(column, key=column)
         table.focus()
         # The watch ends by itself when this screen is closed.
@@ -177,6 +178,7 @@ class PreviewScreen(WebaimsScreen):
 
     def preview(self) -> None:
         """Dry-run the editor's draft on the source, unless the draft has errors."""
+        self.rerun = None  # due now: none is pending any more
         if self.editor.errors:
             self.failed(
                 f"The draft has {len(self.editor.errors)} error(s), shown in the editor: "
@@ -237,7 +239,8 @@ class PreviewScreen(WebaimsScreen):
             return
         if isinstance(outcome, str):
             self.failed(outcome)
-        else:
+        elif outcome != self.report:
+            # An unchanged result (a draft loaded again, a change undone) leaves the table be.
             self.report = outcome
             self.show_report()
 
@@ -259,25 +262,34 @@ class PreviewScreen(WebaimsScreen):
         # A rerun keeps the cursor on the element it was on (the one just edited, usually).
         row = table.cursor_row
         highlighted = self.shown[row].path if 0 <= row < len(self.shown) else None
-        table.clear()
         changed = [c for c in report.changes if c.changed]
         by_rules = [c for c in changed if c.rule.startswith("rule ")]
         self.shown = report.changes if self.show_all else changed
         # Before and after side by side must fit 80 columns next to the tag and keyword.
         width = 18 if self.app.size.width < 110 else 26
+        rows: list[tuple[str | Text, ...]] = []
         for change in self.shown:
             # The edited rules' own effects stand out from the profile's.
             style = "bold yellow" if change.rule.startswith("rule ") else ""
             if not change.changed:
                 style = "dim"
-            table.add_row(
-                change.tag,
-                _short(change.keyword or change.path, width),
-                Text(_short(change.before, width), style="red" if change.changed else ""),
-                Text(_short(change.after, width), style="green" if change.changed else ""),
-                Text(_acted_by(change.rule), style=style),
-                change.action,
+            rows.append(
+                (
+                    change.tag,
+                    _short(change.keyword or change.path, width),
+                    Text(_short(change.before, width), style="red" if change.changed else ""),
+                    Text(_short(change.after, width), style="green" if change.changed else ""),
+                    Text(_acted_by(change.rule), style=style),
+                    change.action,
+                )
             )
+        # Columns as wide as their content, measured here: DataTable measures on idle, and a
+        # frame drawn before that is cached with label-wide columns (Textual 8.2.8 keeps it).
+        table.clear(columns=True)
+        for index, label in enumerate(PREVIEW_COLUMNS):
+            widths = [cell_len(label)] + [_cell_width(row[index]) for row in rows]
+            table.add_column(label, key=label, width=max(widths))
+        table.add_rows(rows)
         paths = [c.path for c in self.shown]
         if highlighted in paths:
             table.move_cursor(row=paths.index(highlighted))
@@ -300,6 +312,14 @@ def _short(value: str | None, width: int = 32) -> str:
     if value is None:
         return "—"
     return value if len(value) <= width else value[: width - 1] + "…"
+
+
+def _cell_width(cell: str | Text) -> int:
+    return cell.cell_len if isinstance(cell, Text) else cell_len(cell)
+
+
+#: The preview table's columns, in order.
+PREVIEW_COLUMNS = ("Tag", "Keyword", "Before", "After", "By", "Action")
 
 
 def _acted_by(label: str) -> str:
