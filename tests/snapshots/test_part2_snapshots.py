@@ -271,6 +271,14 @@ async def _preview(pilot: Pilot[None]) -> None:
     preview = app.screen
     assert isinstance(preview, PreviewScreen)
     await wait_until(pilot, lambda: preview.report is not None, "the dry run")
+
+    def settled() -> bool:
+        # A draft loaded underneath the preview re-runs it: wait until none is due or running.
+        pending = preview.rerun is not None
+        running = any(w.group == "rules-preview" and not w.is_finished for w in app.workers)
+        return not pending and not running
+
+    await wait_until(pilot, settled, "the preview to settle")
     await _tables_measured(pilot)
 
 
