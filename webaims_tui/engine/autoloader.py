@@ -95,7 +95,8 @@ log = logging.getLogger(__name__)
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 MAX_UID_LENGTH = 64
 #: Names the SCP and the importer give to files they complete elsewhere and rename in.
-_ATOMIC_NAME = re.compile(r"^\d+-[0-9a-f]{12}(--.+|\.dcm)$")
+_GENERATED_PREFIX = r"\d+-[0-9a-f]{12}"
+_ATOMIC_NAME = re.compile(rf"^{_GENERATED_PREFIX}(--.+|\.dcm)$")
 #: Any other file (a copy from CD into incoming/) must be unchanged this long before it is read,
 #: or a half-copied file would be quarantined as truncated.
 SETTLE_SECONDS = 2.0
@@ -530,6 +531,19 @@ def _calling_ae(dataset: Dataset) -> str:
         return ""
 
 
+def incoming_files(root: Path) -> Iterator[str]:
+    """Paths of the files in incoming/ that are the autoloader's to process.
+
+    Hidden files and folders are its own (journal, lock) or another tool's, and ``.part``
+    files are still being written.
+    """
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for file in files:
+            if not file.startswith(".") and not file.endswith(".part"):
+                yield os.path.join(folder, file)
+
+
 def deflate_bomb_problem(path: Path, limit: int = MAX_INFLATED_BYTES) -> str | None:
     """Why a deflated file must not be read (it inflates beyond ``limit``), or None.
 
@@ -945,24 +959,19 @@ class Autoloader:
         now = time.time()
         root = self.paths.incoming
         names: list[str] = []
-        for folder, dirs, files in os.walk(root):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for file in files:
-                if file.startswith(".") or file.endswith(".part"):
+        for full in incoming_files(root):
+            name = os.path.relpath(full, root).replace(os.sep, "/")
+            if self._retry_after.get(name, 0.0) > now:
+                continue
+            if not _ATOMIC_NAME.match(os.path.basename(full)):
+                try:
+                    age = now - os.stat(full).st_mtime
+                except FileNotFoundError:
                     continue
-                full = os.path.join(folder, file)
-                name = os.path.relpath(full, root).replace(os.sep, "/")
-                if self._retry_after.get(name, 0.0) > now:
+                if age < SETTLE_SECONDS:
+                    self._next_wait = SETTLE_SECONDS
                     continue
-                if not _ATOMIC_NAME.match(file):
-                    try:
-                        age = now - os.stat(full).st_mtime
-                    except FileNotFoundError:
-                        continue
-                    if age < SETTLE_SECONDS:
-                        self._next_wait = SETTLE_SECONDS
-                        continue
-                names.append(name)
+            names.append(name)
         names.sort()
         return names
 
@@ -1180,11 +1189,7 @@ class Autoloader:
             self.sink(ArchivingResumed(where="archive", message=message))
 
     def _files_in_incoming(self) -> int:
-        count = 0
-        for _folder, dirs, files in os.walk(self.paths.incoming):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            count += sum(1 for f in files if not f.startswith(".") and not f.endswith(".part"))
-        return count
+        return sum(1 for _ in incoming_files(self.paths.incoming))
 
     def _decide(self, prepared: list[Prepared]) -> list[_Place | _Drop | _Conflict]:
         uids = list({p.sop_instance_uid for p in prepared})
@@ -1624,7 +1629,7 @@ class Autoloader:
         # Never the whole name: an imported file's name ends in its original file name, which
         # can be a patient's. The prefix incoming_name() and the SCP generate (time, random hex)
         # still finds the file in quarantine/; any other name (dropped in by hand) is hashed.
-        generated = re.match(r"\d+-[0-9a-f]{12}", refused.name)
+        generated = re.match(_GENERATED_PREFIX, refused.name)
         label = generated[0] if generated else hashlib.sha256(refused.name.encode()).hexdigest()
         log.info("quarantined %s: %s", label, refused.reason)
         self.sink(

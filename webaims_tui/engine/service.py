@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import cast
@@ -37,6 +37,7 @@ from webaims_tui.engine.autoloader import (
     ImportSummary,
     ProgressCallback,
     import_into_incoming,
+    incoming_files,
 )
 from webaims_tui.engine.events import EchoFinished, EngineError, EngineEvent, EventSink
 from webaims_tui.engine.reanonymize import ReanonymizeResult, reanonymize_unit
@@ -536,15 +537,10 @@ class Engine:
         """
         wanted = list(dict.fromkeys(candidates))
         found = self._waiting_sop_uids() & set(wanted)
-        to_archive_uid = self._archive_uid_mapper()
         with db.database.connection_context():
             for start in range(0, len(wanted), 500):
                 batch = [uid for uid in wanted[start : start + 500] if uid not in found]
-                mapped: dict[str, str] = {}
-                for uid in batch:
-                    archive_uid = to_archive_uid(uid)
-                    if archive_uid is not None:
-                        mapped[archive_uid] = uid
+                mapped = self._archive_uids(batch, "SOPInstanceUID")
                 if mapped:
                     archived = db.Instance.select(db.Instance.sop_instance_uid).where(
                         db.Instance.sop_instance_uid.in_(list(mapped))
@@ -562,24 +558,25 @@ class Engine:
     def _waiting_sop_uids(self) -> set[str]:
         """SOP Instance UIDs of the files waiting in incoming/, from their file meta."""
         found: set[str] = set()
-        for folder, dirs, files in os.walk(self.settings.paths.incoming):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for file in files:
-                if file.startswith(".") or file.endswith(".part"):
-                    continue
-                try:
-                    meta = read_file_meta_info(os.path.join(folder, file))
-                    found.add(str(meta.MediaStorageSOPInstanceUID))
-                except Exception:  # gone meanwhile, or not DICOM: the autoloader will say
-                    continue
+        for path in incoming_files(self.settings.paths.incoming):
+            try:
+                meta = read_file_meta_info(path)
+                found.add(str(meta.MediaStorageSOPInstanceUID))
+            except Exception:  # gone meanwhile, or not DICOM: the autoloader will say
+                continue
         return found
 
-    def _archive_uid_mapper(self, keyword: str = "SOPInstanceUID") -> Callable[[str], str | None]:
-        """Original UID in ``keyword`` -> the UID the archive stores it under (None: unknown)."""
+    def _archive_uids(self, originals: Iterable[str], keyword: str) -> dict[str, str]:
+        """{UID the archive stores it under: original UID in ``keyword``}, for the originals
+        whose archived UID is known (the anonymizer's ``replacement_uid``, or kept as is by
+        the pass-through); the others are left out."""
         replacement = getattr(self.anonymizer, "replacement_uid", None)
-        if callable(replacement):
-            return lambda original: cast("str | None", replacement(original, keyword))
-        return lambda original: original  # pass-through keeps the UIDs
+        mapped: dict[str, str] = {}
+        for original in originals:
+            archived = replacement(original, keyword) if callable(replacement) else original
+            if archived is not None:
+                mapped[cast(str, archived)] = original
+        return mapped
 
     def archived_study_sizes(self, study_instance_uids: Collection[str]) -> dict[str, int]:
         """How many instances the archive holds of each study, by *original* Study Instance UID.
@@ -592,12 +589,7 @@ class Engine:
         the remote instance list (:meth:`verify`) can tell then. Files still waiting in
         incoming/ or quarantined are not counted.
         """
-        to_archive_uid = self._archive_uid_mapper("StudyInstanceUID")
-        originals: dict[str, str] = {}
-        for uid in dict.fromkeys(study_instance_uids):
-            archived_uid = to_archive_uid(uid)
-            if archived_uid is not None:
-                originals[archived_uid] = uid
+        originals = self._archive_uids(dict.fromkeys(study_instance_uids), "StudyInstanceUID")
         sizes = dict.fromkeys(originals.values(), 0)
         archived_uids = list(originals)
         with db.database.connection_context():

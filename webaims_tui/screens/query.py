@@ -798,8 +798,8 @@ the last queued one), s changes the sort column. Archive column: "in archive", "
             self._settle(engine)
             self.app.call_from_thread(self._job_finished, job, summary, failure, message)
             # Not the archive's own count: right after a retrieve the files may still wait in
-            # incoming/, and verify also counts what the SCP logged as received. One IMAGE-level
-            # C-FIND per study is small beside the retrieve's own associations.
+            # incoming/, which verify counts as held. One IMAGE-level C-FIND per study is small
+            # beside the retrieve's own associations.
             for uid in job.study_uids[:MAX_STATUS_CHECKS]:
                 try:
                     report_after = engine.verify(job.node, uid)
