@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +14,7 @@ import pydicom.data
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode
 
 from webaims_tui.engine.events import EngineEvent
@@ -115,3 +117,30 @@ def scp_port(engine: Engine) -> int:
     """The port the engine's Storage SCP listens on (it must be listening)."""
     assert engine.server is not None and engine.server.listening
     return engine.server.port
+
+
+def store_interrupted(engine: Engine, interrupt: Callable[[socket.socket], None]) -> None:
+    """Send CT_small to the engine's SCP and call ``interrupt`` on the sender's socket between
+    two P-DATA PDUs of the data set (the engine's ``max_pdu_size`` must split it, e.g. 4096).
+
+    The sender's own association dies of it; that is the point, so its error is swallowed.
+    """
+    dataset = dcmread(str(pydicom.data.get_testdata_file("CT_small.dcm")))
+    sent_pdus: list[evt.Event] = []
+
+    def after_a_few(event: evt.Event) -> None:
+        sent_pdus.append(event)
+        if len(sent_pdus) == 8:
+            interrupt(event.assoc.dul.socket.socket)
+
+    ae = scu()
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(
+        "127.0.0.1",
+        scp_port(engine),
+        ae_title="WEBAIMS",
+        evt_handlers=[(evt.EVT_PDU_SENT, after_a_few)],
+    )
+    assert assoc.is_established
+    with contextlib.suppress(Exception):
+        assoc.send_c_store(dataset)

@@ -19,10 +19,15 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from tests.conftest import SettingsFactory
-from tests.engine.test_autoloader import UID_ROOT, archive_files, make_instance
-from tests.engine.test_crash_safety import _free_port, _RowCounter, _Sender, _serve
+from tests.engine.test_autoloader import UID_ROOT, make_instance
+from tests.engine.test_crash_safety import (
+    _free_port,
+    _RowCounter,
+    _Sender,
+    _serve,
+    assert_archived_exactly_once,
+)
 from webaims_tui.engine import db
-from webaims_tui.engine.service import Engine
 
 CLI = [sys.executable, "-m", "webaims_tui"]
 
@@ -165,27 +170,7 @@ def test_serve_stops_on_a_signal_mid_transfer_with_exit_0_and_keeps_every_acknow
 
     uid_of = dict(zip(map(str, files), sop_uids, strict=True))
     acknowledged = {uid_of[path] for path in sender.acknowledged()}
-    engine = Engine(settings)
-    engine.open()
-    try:
-        # A clean stop leaves what it had not started on in incoming/; the next run takes it.
-        engine.process_incoming()
-        with db.database.connection_context():
-            rows = list(db.Instance.select())
-            assert db.QuarantineEntry.select().count() == 0
-        # The archive holds anonymized UIDs: map the sent ones the way the active rule set does.
-        replacement = getattr(engine.make_anonymizer(), "replacement_uid", None)
-    finally:
-        engine.stop()
-    if callable(replacement):
-        acknowledged = {replacement(uid) or uid for uid in acknowledged}
-        sop_uids = [replacement(uid) or uid for uid in sop_uids]
-    indexed = [row.sop_instance_uid for row in rows]
-    assert len(indexed) == len(set(indexed)), "an instance is indexed twice"
-    assert acknowledged <= set(indexed), f"{len(acknowledged - set(indexed))} acknowledged lost"
-    assert set(indexed) <= set(sop_uids)
-    assert archive_files(settings.paths.archive) == sorted(row.archive_path for row in rows)
-    assert [p for p in (settings.paths.archive / ".tmp").rglob("*") if p.is_file()] == []
+    assert_archived_exactly_once(settings, acknowledged, sop_uids, take_waiting=True)
 
 
 PATIENT_NAME, PATIENT_ID, BIRTH_DATE = "ZEBEDEE^QUENTIN", "PHI7734521", "19450312"

@@ -205,29 +205,49 @@ def test_sigkill_mid_ingest_loses_nothing_and_duplicates_nothing(
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=60) == 0, log.read_text()[-2000:]
 
+    rows = assert_archived_exactly_once(settings, acknowledged, uids)
     engine = Engine(settings)
     engine.open()
     try:
         with db.database.connection_context():
-            rows = list(db.Instance.select())
-            assert db.QuarantineEntry.select().count() == 0
             records = list(db.Record.select())
             for record in records:
                 counted = db.Instance.select().where(db.Instance.record == record).count()
                 assert record.instance_count == counted, record.key
+    finally:
+        engine.stop()
+    assert sum(record.instance_count for record in records) == len(rows)
+
+
+def assert_archived_exactly_once(
+    settings: Settings, acknowledged: set[str], sent: list[str], *, take_waiting: bool = False
+) -> list[db.Instance]:
+    """Every acknowledged instance (original SOP UIDs) indexed once, nothing that was not sent,
+    nothing quarantined, exactly one archive file per row and no temporary file left.
+
+    ``take_waiting``: first archive what a clean stop left in incoming/ (it does not start on
+    new files while stopping; the next run takes them). Returns the Instance rows.
+    """
+    engine = Engine(settings)
+    engine.open()
+    try:
+        if take_waiting:
+            engine.process_incoming()
+        with db.database.connection_context():
+            rows = list(db.Instance.select())
+            assert db.QuarantineEntry.select().count() == 0
         # The archive holds anonymized UIDs: map the sent ones the way the active rule set does.
         replacement = getattr(engine.make_anonymizer(), "replacement_uid", None)
     finally:
         engine.stop()
     if callable(replacement):
         acknowledged = {replacement(uid) or uid for uid in acknowledged}
-        uids = [replacement(uid) or uid for uid in uids]
+        sent = [replacement(uid) or uid for uid in sent]
     indexed = [row.sop_instance_uid for row in rows]
-    assert len(indexed) == len(set(indexed))
+    assert len(indexed) == len(set(indexed)), "an instance is indexed twice"
     assert acknowledged <= set(indexed), f"{len(acknowledged - set(indexed))} acknowledged lost"
-    assert set(indexed) <= set(uids)
+    assert set(indexed) <= set(sent)
     # Exactly one archive file per row and no other file anywhere in the archive.
     assert archive_files(settings.paths.archive) == sorted(row.archive_path for row in rows)
-    leftovers = [p for p in (settings.paths.archive / ".tmp").rglob("*") if p.is_file()]
-    assert leftovers == []
-    assert sum(record.instance_count for record in records) == len(rows)
+    assert [p for p in (settings.paths.archive / ".tmp").rglob("*") if p.is_file()] == []
+    return rows

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import evt
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import Verification
 
 from tests.conftest import SettingsFactory
-from tests.helpers import EventRecorder, scp_port, scu
+from tests.helpers import EventRecorder, scp_port, scu, store_interrupted
 from webaims_tui.engine import db
 from webaims_tui.engine.events import (
     AssociationEnded,
@@ -148,27 +146,7 @@ def test_connection_dropped_mid_transfer_leaves_no_file(
     engine = Engine(make_settings(max_pdu_size=4096), sink=events)
     engine.start()
     try:
-        big = dcmread(next(p for p in _large_ct_files()))
-        sent_pdus = []
-
-        def drop_after_a_few(event: evt.Event) -> None:
-            sent_pdus.append(event)
-            if len(sent_pdus) == 8:
-                sock = event.assoc.dul.socket.socket
-                sock.shutdown(socket.SHUT_RDWR)
-
-        ae = scu()
-        ae.add_requested_context(CTImageStorage, big.file_meta.TransferSyntaxUID)
-        assoc = ae.associate(
-            "127.0.0.1",
-            scp_port(engine),
-            ae_title="WEBAIMS",
-            evt_handlers=[(evt.EVT_PDU_SENT, drop_after_a_few)],
-        )
-        assert assoc.is_established
-        # The sender sees its own connection die; that is the point.
-        with contextlib.suppress(Exception):
-            assoc.send_c_store(big)
+        store_interrupted(engine, lambda sock: sock.shutdown(socket.SHUT_RDWR))
         ended = events.wait_for(AssociationEnded)[0]
         assert ended.instances == 0 and ended.outcome != "released"
         assert not list(engine.settings.paths.incoming.iterdir())
@@ -180,12 +158,6 @@ def test_connection_dropped_mid_transfer_leaves_no_file(
 def _context_of(path: Path) -> tuple[str, str]:
     ds = dcmread(path, stop_before_pixels=True)
     return str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
-
-
-def _large_ct_files() -> list[Path]:
-    from pydicom.data import get_testdata_file
-
-    return [Path(str(get_testdata_file("CT_small.dcm")))]
 
 
 @pytest.mark.parametrize("calling_ae", ["A" * 16])

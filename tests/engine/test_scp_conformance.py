@@ -3,7 +3,6 @@ called-AE check, and what an A-ABORT or a really full disk leaves behind (nothin
 
 from __future__ import annotations
 
-import contextlib
 import struct
 from pathlib import Path
 
@@ -12,12 +11,11 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from tests.adversarial.test_disk_full import mounted_tmpfs
 from tests.conftest import SettingsFactory
-from tests.helpers import EventRecorder, scp_port, scu
+from tests.helpers import EventRecorder, scp_port, scu, store_interrupted
 from webaims_tui.engine.events import AssociationEnded, AssociationRejected, StoreFailed
 from webaims_tui.engine.scp import (
     IMPLEMENTATION_CLASS_UID,
@@ -124,28 +122,9 @@ def test_an_a_abort_mid_transfer_leaves_no_file(
     engine = Engine(make_settings(max_pdu_size=4096), sink=events)
     engine.start()
     try:
-        big = dcmread(str(get_testdata_file("CT_small.dcm")))
-        sent_pdus: list[evt.Event] = []
-
-        def abort_after_a_few(event: evt.Event) -> None:
-            sent_pdus.append(event)
-            if len(sent_pdus) == 8:
-                # The abort goes out on the wire between two P-DATA PDUs of one data set;
-                # pynetdicom's own abort() cannot be called from this thread safely.
-                sock = event.assoc.dul.socket.socket
-                sock.sendall(A_ABORT)
-
-        ae = scu()
-        ae.add_requested_context(CTImageStorage, big.file_meta.TransferSyntaxUID)
-        assoc = ae.associate(
-            "127.0.0.1",
-            scp_port(engine),
-            ae_title="WEBAIMS",
-            evt_handlers=[(evt.EVT_PDU_SENT, abort_after_a_few)],
-        )
-        assert assoc.is_established
-        with contextlib.suppress(Exception):  # the sender's own connection dies: the point
-            assoc.send_c_store(big)
+        # The abort goes out on the wire between two P-DATA PDUs of one data set; pynetdicom's
+        # own abort() cannot be called from the sender's network thread safely.
+        store_interrupted(engine, lambda sock: sock.sendall(A_ABORT))
         ended = events.wait_for(AssociationEnded)[0]
         assert ended.outcome == "aborted"
         assert ended.instances == 0
